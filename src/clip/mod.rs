@@ -1,0 +1,122 @@
+//! CLIP, our own implementation in candle: config, vision and text towers, weight loading
+//! (Hugging Face and OpenAI/open_clip key names, local folders and the hub), the OpenAI BPE
+//! tokenizer and CLIP's image preprocessing.
+
+pub mod config;
+pub mod layers;
+pub mod preprocess;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};
+pub use text::TextTransformer;
+pub use vision::{l2_normalize, VisionOptions, VisionOutput, VisionTransformer};
+pub use weights::{ModelFiles, Naming};
+
+use crate::error::{Error, Result};
+
+/// A loaded CLIP model (both towers, f32).
+#[derive(Debug, Clone)]
+pub struct Clip {
+    pub config: ClipConfig,
+    pub vision: VisionTransformer,
+    pub text: TextTransformer,
+    /// `exp(logit_scale)` (100 for OpenAI weights).
+    pub logit_scale: f32,
+    /// What the model was loaded from (folder, file or hub id).
+    pub source: String,
+    pub naming: Naming,
+}
+
+impl Clip {
+    /// Build from Hugging Face-named tensors (`vb` at the model root).
+    pub fn from_varbuilder(vb: VarBuilder, config: &ClipConfig) -> candle_core::Result<(VisionTransformer, TextTransformer, f32)> {
+        let vision = VisionTransformer::load(vb.clone(), &config.vision_config, config.projection_dim)?;
+        let text = TextTransformer::load(vb.clone(), &config.text_config, config.projection_dim)?;
+        let logit_scale = match vb.get((), "logit_scale") {
+            Ok(t) => t.to_scalar::<f32>()?.exp(),
+            Err(_) => (config.logit_scale_init_value as f32).exp(),
+        };
+        Ok((vision, text, logit_scale))
+    }
+
+    /// Build from a state dict in either naming plus a config. `path` names the weights in
+    /// messages.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        config: &ClipConfig,
+        naming: Naming,
+        device: &Device,
+        path: &Path,
+        source: &str,
+    ) -> Result<Self> {
+        let tensors = match naming {
+            Naming::HuggingFace => tensors,
+            Naming::OpenAi => weights::openai_to_hf(tensors, path)?,
+        };
+        let tensors = weights::to_dtype(tensors, DType::F32)?;
+        let tensors: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(device)?)))
+            .collect::<candle_core::Result<_>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let (vision, text, logit_scale) = Self::from_varbuilder(vb, config).map_err(|e| {
+            Error::weights(path, format!("the weights do not fit the config ({e}); is the config for this model?"))
+        })?;
+        Ok(Self { config: config.clone(), vision, text, logit_scale, source: source.to_string(), naming })
+    }
+
+    /// Load a model named by a folder, a weights file or a hub id.
+    pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        Self::load_with_cache(spec, device, None)
+    }
+
+    /// As [`Clip::load`], with an explicit hub cache folder.
+    pub fn load_with_cache(spec: &str, device: &Device, hub_cache: Option<PathBuf>) -> Result<Self> {
+        let files = ModelFiles::resolve(spec, hub_cache)?;
+        Self::load_files(&files, device)
+    }
+
+    pub fn load_files(files: &ModelFiles, device: &Device) -> Result<Self> {
+        let first = files.weights.first().ok_or_else(|| Error::model(&files.spec, "no weight files"))?;
+        let mut tensors = HashMap::new();
+        for w in &files.weights {
+            tensors.extend(weights::read_tensors(w)?);
+        }
+        let tensors = weights::strip_prefixes(tensors);
+        let naming = weights::detect_naming(&tensors, first)?;
+        let config = match naming {
+            Naming::HuggingFace => match &files.hf_config {
+                Some(c) => ClipConfig::from_hf_json(c)?,
+                None => {
+                    return Err(Error::model(
+                        first.parent().unwrap_or(Path::new(".")),
+                        "Hugging Face weights need the model's config.json beside them, and there is none",
+                    ))
+                }
+            },
+            Naming::OpenAi => match (&files.open_clip_config, &files.hf_config) {
+                (Some(c), _) => ClipConfig::from_open_clip_json(c)?,
+                _ => weights::infer_openai_config(&tensors, first)?,
+            },
+        };
+        Self::from_tensors(tensors, &config, naming, device, first, &files.spec)
+    }
+
+    pub fn device(&self) -> &Device {
+        self.text.token_embedding().device()
+    }
+
+    /// Image size the vision tower expects.
+    pub fn image_size(&self) -> usize {
+        self.config.vision_config.image_size
+    }
+}

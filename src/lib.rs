@@ -1,0 +1,11 @@
+//! TextRefiner Explorer: CLIP prompt tuning (CoOp + TextRefiner) that you can inspect.
+//!
+//! The core (everything here without the `gui` feature) loads real CLIP weights into our own
+//! candle implementation ([`clip`]), tokenizes with OpenAI's BPE and preprocesses images as
+//! CLIP does. Every failure that concerns a file is an [`error::Error`] naming the file and the
+//! problem; nothing in the core panics on bad input.
+
+pub mod clip;
+pub mod error;
+
+pub use error::{Error, Result};
