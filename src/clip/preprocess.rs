@@ -45,8 +45,14 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| Error::image(path, format!("cannot read: {e}")))?;
-    if reader.format().is_none() {
-        return Err(Error::image(path, "not a recognised image format"));
+    match reader.format() {
+        None => return Err(Error::image(path, "not a recognised image format")),
+        // JPEG decoders fill a truncated scan with grey instead of failing; PIL refuses such
+        // files ("image file is truncated"), and so do we: a JPEG ends with the EOI marker.
+        Some(image::ImageFormat::Jpeg) if !jpeg_has_eoi(bytes) => {
+            return Err(Error::image(path, "truncated JPEG (no end-of-image marker)"))
+        }
+        _ => {}
     }
     reader.limits(limits());
     let (w, h) = reader
@@ -70,6 +76,12 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         Error::image(path, format!("cannot decode (corrupt or truncated?): {msg}"))
     })?;
     Ok(img.to_rgb8())
+}
+
+fn jpeg_has_eoi(bytes: &[u8]) -> bool {
+    // allow trailing padding some writers add after EOI
+    let end = bytes.iter().rposition(|&b| b != 0 && b != b'\n' && b != b'\r').map(|i| i + 1).unwrap_or(0);
+    end >= 2 && bytes[end - 2] == 0xFF && bytes[end - 1] == 0xD9
 }
 
 /// torchvision `Resize(size)`: the shorter side becomes `size`, the longer
