@@ -6,6 +6,11 @@
 //! problem; nothing in the core panics on bad input.
 
 pub mod clip;
+pub mod cli;
 pub mod error;
+pub mod worker;
 
 pub use error::{Error, Result};
+
+#[cfg(feature = "gui")]
+pub mod app;

@@ -1,1 +1,38 @@
-fn main() {}
+//! `textrefiner-explorer`: with no subcommand it opens the explorer (feature `gui`); the
+//! subcommands run the same work headless.
+
+use clap::Parser;
+
+// candle allocates a fresh buffer per op; mimalloc keeps freed pages for reuse instead of
+// returning them to the OS and faulting them in again (see BENCHMARKS.md for the effect).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "textrefiner-explorer", version, about = "Inspect, compare and fine-tune CLIP prompt learning (CoOp + TextRefiner)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<textrefiner_explorer::cli::Command>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(cmd) => textrefiner_explorer::cli::run(cmd),
+        None => open_explorer(),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "gui")]
+fn open_explorer() -> anyhow::Result<()> {
+    textrefiner_explorer::app::run_native()
+}
+
+#[cfg(not(feature = "gui"))]
+fn open_explorer() -> anyhow::Result<()> {
+    anyhow::bail!("this build has no GUI (built without the `gui` feature); run a subcommand, see --help")
+}

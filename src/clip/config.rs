@@ -181,6 +181,21 @@ impl ClipConfig {
                 ));
             }
         }
+        // Configs written by early transformers versions carry `text_config_dict` /
+        // `vision_config_dict`, which transformers lets override `text_config` / `vision_config`.
+        let mut raw = raw;
+        for (dict_key, key) in [("text_config_dict", "text_config"), ("vision_config_dict", "vision_config")] {
+            if let Some(serde_json::Value::Object(over)) = raw.get(dict_key).cloned() {
+                let entry = raw
+                    .as_object_mut()
+                    .map(|o| o.entry(key).or_insert_with(|| serde_json::json!({})));
+                if let Some(serde_json::Value::Object(base)) = entry {
+                    for (k, v) in over {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
         let cfg: ClipConfig = serde_json::from_value(raw)
             .map_err(|e| Error::config(path, format!("cannot read CLIP config: {e}")))?;
         cfg.validate().map_err(|m| Error::config(path, m))?;

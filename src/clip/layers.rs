@@ -9,6 +9,8 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::kernels;
+use super::profile::time;
 
 /// `y = x W^T + b` for `x` of any rank, computed on the flattened 2-D view (one GEMM, and no
 /// per-example weight gradients when differentiating).
@@ -29,19 +31,60 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x W^T` on the flattened 2-D view: `[rows, out]`.
+    fn gemm(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        time("gemm (linear layers)", || x.reshape((rows, in_dim))?.matmul(&self.weight.t()?))
+    }
+
+    fn out_dims(&self, x: &Tensor) -> Result<Vec<usize>> {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        Ok(dims)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => match time("bias / activation", || kernels::bias_act(&y, b, false))? {
+                Some(out) => Ok(out),
+                None => y.broadcast_add(b),
+            },
+        }
+    }
+
+    /// `act(x W^T + b)`, fused on the inference path.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let y = self.gemm(x)?;
+        let fused = match (&self.bias, act) {
+            (Some(b), Activation::QuickGelu) => time("bias / activation", || kernels::bias_act(&y, b, true))?,
+            _ => None,
+        };
+        let y = match fused {
+            Some(y) => y,
+            None => activation(&self.add_bias(y)?, act)?,
+        };
+        y.reshape(self.out_dims(x)?)
+    }
+
+    /// `residual + x W^T + b`, fused on the inference path.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let y = self.gemm(x)?;
+        if let Some(b) = &self.bias {
+            if let Some(out) = time("bias + residual", || kernels::bias_residual(&y, b, residual))? {
+                return Ok(out);
+            }
+        }
+        self.add_bias(y)?.reshape(self.out_dims(x)?)? + residual
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        let y = self.add_bias(self.gemm(x)?)?;
+        y.reshape(self.out_dims(x)?)
     }
 }
 
@@ -64,7 +107,7 @@ impl Module for LayerNorm {
         if x.track_op() {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+            time("layer norm", || candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32))
         }
     }
 }
@@ -74,7 +117,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.track_op() {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
-        candle_nn::ops::softmax_last_dim(x)
+        kernels::softmax_last_dim(x)
     }
 }
 
@@ -110,25 +153,31 @@ impl Attention {
         Ok(Self { qkv: Linear::new(w, Some(b)), out_proj, heads })
     }
 
-    /// `x`: `[B, L, D]`; `mask`: additive `[L, L]`. Returns the output and, when asked, the
-    /// attention probabilities `[B, H, L, L]`.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
+    /// `x`: `[B, L, D]` (normalised input); `mask`: additive `[L, L]`. Returns
+    /// `residual + attention(x)` and, when asked, the attention probabilities `[B, H, L, L]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        want_probs: bool,
+        residual: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, l, d) = x.dims3()?;
         let hd = d / self.heads;
         let qkv = self.qkv.forward(x)?.reshape((b, l, 3, self.heads, hd))?;
         let qkv = qkv.permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?; // [B, H, L, L]
+        let (q, k, v) = time("copies (head split/merge)", || -> Result<_> {
+            Ok((qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?))
+        })?;
+        let scores = time("attention products", || q.matmul(&k.t()?))?; // [B, H, L, L]
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = softmax_last_dim(&scores)?;
-        let o = probs.matmul(&v)?; // [B, H, L, hd]
-        let o = o.transpose(1, 2)?.reshape((b, l, d))?;
-        let o = self.out_proj.forward(&o)?;
+        let probs = time("softmax", || softmax_last_dim(&scores))?;
+        let o = time("attention products", || probs.matmul(&v))?; // [B, H, L, hd]
+        let o = time("copies (head split/merge)", || o.transpose(1, 2)?.reshape((b, l, d)))?;
+        let o = self.out_proj.forward_residual(&o, residual)?;
         Ok((o, if want_probs { Some(probs) } else { None }))
     }
 }
@@ -151,9 +200,10 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&activation(&self.fc1.forward(x)?, self.act)?)
+impl Mlp {
+    /// `residual + fc2(act(fc1(x)))`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2.forward_residual(&self.fc1.forward_act(x, self.act)?, residual)
     }
 }
 
@@ -177,9 +227,8 @@ impl Block {
     }
 
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let (a, probs) = self.attn.forward(&self.ln1.forward(x)?, mask, want_probs)?;
-        let x = (x + a)?;
-        let m = self.mlp.forward(&self.ln2.forward(&x)?)?;
-        Ok(((x + m)?, probs))
+        let (x, probs) = self.attn.forward(&self.ln1.forward(x)?, mask, want_probs, x)?;
+        let x = self.mlp.forward_residual(&self.ln2.forward(&x)?, &x)?;
+        Ok((x, probs))
     }
 }

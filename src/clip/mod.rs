@@ -3,8 +3,11 @@
 //! tokenizer and CLIP's image preprocessing.
 
 pub mod config;
+pub mod kernels;
 pub mod layers;
 pub mod preprocess;
+pub mod profile;
+pub mod random;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;

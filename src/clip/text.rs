@@ -92,6 +92,12 @@ impl TextTransformer {
         if ids.is_empty() {
             candle_core::bail!("no texts to encode");
         }
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = ids.iter().flatten().find(|&&t| t >= vocab) {
+            candle_core::bail!(
+                "token id {bad} is outside this model's vocabulary of {vocab} (does the model use OpenAI's CLIP BPE vocabulary?)"
+            );
+        }
         let eot = self.eot_positions(ids);
         let len = eot.iter().max().copied().unwrap_or(0) + 1;
         let rows: Vec<u32> = ids
