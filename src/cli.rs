@@ -19,6 +19,26 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Benchmark CLIP encoding at real sizes against PyTorch run in the same session.
     Bench(BenchArgs),
+    /// Write the demo world out as an ImageFolder tree (one folder per class) to look at.
+    ExportWorld(ExportWorldArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportWorldArgs {
+    /// Output folder (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Split: train, val, test or pretrain.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Images per class.
+    #[arg(long, default_value_t = 8)]
+    pub per_class: u64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -58,13 +78,39 @@ pub struct BenchArgs {
     /// Print where candle's time goes per stage for each workload.
     #[arg(long)]
     pub profile: bool,
+    /// Use candle's own ops instead of our fused kernels (to measure what they buy).
+    #[arg(long)]
+    pub no_fused: bool,
 }
 
 pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Embed(a) => embed(a),
         Command::Bench(a) => bench(a),
+        Command::ExportWorld(a) => export_world(a),
     }
+}
+
+fn export_world(a: ExportWorldArgs) -> Result<()> {
+    use crate::data::world::{Split, World};
+    let split = match a.split.as_str() {
+        "train" => Split::Train,
+        "val" => Split::Val,
+        "test" => Split::Test,
+        "pretrain" => Split::Pretrain,
+        other => bail!("unknown split {other:?}: use train, val, test or pretrain"),
+    };
+    let world = World::new(a.seed, a.size);
+    for (c, class) in world.classes.iter().enumerate() {
+        let dir = a.out.join(class.name().replace(' ', "_"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for i in 0..a.per_class {
+            let p = dir.join(format!("{i:05}.png"));
+            world.image(split, c, i).save(&p).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+    }
+    println!("wrote {} classes x {} images to {}", world.num_classes(), a.per_class, a.out.display());
+    Ok(())
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {
@@ -221,6 +267,7 @@ fn python_reference(python: &str, w: &Workload, reps: usize, ids_file: &Path) ->
 
 fn bench(a: BenchArgs) -> Result<()> {
     let device = Device::Cpu;
+    crate::clip::kernels::set_enabled(!a.no_fused);
     let tok = ClipTokenizer::new();
     let prompts = bench_prompts();
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.tokenize(p, 77)).collect();

@@ -7,6 +7,7 @@
 
 pub mod clip;
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod worker;
 

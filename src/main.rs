@@ -11,6 +11,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "textrefiner-explorer", version, about = "Inspect, compare and fine-tune CLIP prompt learning (CoOp + TextRefiner)")]
 struct Cli {
+    /// Open the explorer on this model (folder, weights file or hub id).
+    #[arg(long)]
+    model: Option<String>,
+    /// Open the explorer with these images (repeatable).
+    #[arg(long = "image")]
+    images: Vec<std::path::PathBuf>,
     #[command(subcommand)]
     command: Option<textrefiner_explorer::cli::Command>,
 }
@@ -19,7 +25,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(cmd) => textrefiner_explorer::cli::run(cmd),
-        None => open_explorer(),
+        None => open_explorer(cli.model, cli.images),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -28,11 +34,11 @@ fn main() {
 }
 
 #[cfg(feature = "gui")]
-fn open_explorer() -> anyhow::Result<()> {
-    textrefiner_explorer::app::run_native()
+fn open_explorer(model: Option<String>, images: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
+    textrefiner_explorer::app::run_native(textrefiner_explorer::app::StartOptions { model, images })
 }
 
 #[cfg(not(feature = "gui"))]
-fn open_explorer() -> anyhow::Result<()> {
+fn open_explorer(_model: Option<String>, _images: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
     anyhow::bail!("this build has no GUI (built without the `gui` feature); run a subcommand, see --help")
 }

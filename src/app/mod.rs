@@ -59,11 +59,6 @@ pub struct ExplorerApp {
 }
 
 impl ExplorerApp {
-    pub fn new(cc: &eframe::CreationContext<'_>) -> Self {
-        let state: Persisted = cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)).unwrap_or_default();
-        Self::with_state(cc.egui_ctx.clone(), state)
-    }
-
     pub fn with_state(ctx: egui::Context, state: Persisted) -> Self {
         let waker_ctx = ctx.clone();
         let worker = Worker::spawn(move || waker_ctx.request_repaint()).expect("spawn the model thread");
@@ -200,7 +195,7 @@ impl ExplorerApp {
 impl eframe::App for ExplorerApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         self.drain_events();
-        let dropped: Vec<PathBuf> = ui.input(|i| i.raw.dropped_files.iter().filter_map(|f| f.path.clone()).collect());
+        let dropped: Vec<PathBuf> = ui.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
         if !dropped.is_empty() {
             self.add_dropped(dropped);
         }
@@ -231,12 +226,32 @@ impl ExplorerApp {
     }
 }
 
+/// What the command line asked the window to open with.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    pub model: Option<String>,
+    pub images: Vec<PathBuf>,
+}
+
 /// Open the explorer window.
-pub fn run_native() -> anyhow::Result<()> {
+pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default().with_inner_size([1280.0, 800.0]).with_title("TextRefiner Explorer"),
         ..Default::default()
     };
-    eframe::run_native("TextRefiner Explorer", options, Box::new(|cc| Ok(Box::new(ExplorerApp::new(cc)))))
+    eframe::run_native(
+        "TextRefiner Explorer",
+        options,
+        Box::new(move |cc| {
+            let mut state: Persisted = cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)).unwrap_or_default();
+            if let Some(m) = start.model {
+                state.model_spec = m;
+            }
+            if !start.images.is_empty() {
+                state.images = start.images;
+            }
+            Ok(Box::new(ExplorerApp::with_state(cc.egui_ctx.clone(), state)))
+        }),
+    )
         .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }

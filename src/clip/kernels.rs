@@ -33,16 +33,45 @@ fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(bits)
 }
 
+/// Max and sum with eight independent lanes, so that LLVM vectorises them (a single running
+/// accumulator would fix the order of the float operations and keep the loop scalar).
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            m[k] = if c[k] > m[k] { c[k] } else { m[k] };
+        }
+    }
+    let mut out = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in rest {
+        out = out.max(v);
+    }
+    out
+}
+
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut s = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            s[k] += c[k];
+        }
+    }
+    s.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
 #[inline(always)]
 fn softmax_row_generic(src: &[f32], dst: &mut [f32]) {
-    let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    let max = max_lanes(src);
     for (d, s) in dst.iter_mut().zip(src) {
-        let e = exp_f32(*s - max);
-        *d = e;
-        sum += e;
+        *d = exp_f32(*s - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum_lanes(dst);
     for d in dst.iter_mut() {
         *d *= inv;
     }
@@ -227,14 +256,26 @@ impl CustomOp3 for BiasResidual {
     }
 }
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Switch the fused kernels off (candle's own ops are used instead), to measure what they buy.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn usable(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !x.track_op()
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !x.track_op()
+}
+
+fn time_softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Softmax)
 }
 
 /// Softmax over the last dimension (inference).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if usable(x) {
-        x.contiguous()?.apply_op1_no_bwd(&Softmax)
+        time_softmax(x)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
