@@ -21,6 +21,92 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write the demo world out as an ImageFolder tree (one folder per class) to look at.
     ExportWorld(ExportWorldArgs),
+    /// Pretrain the embedded tiny CLIP contrastively on the demo world.
+    Pretrain(PretrainArgs),
+    /// Zero-shot accuracy (base / new / HM) and retrieval recall@5 of a model on the demo world.
+    EvalWorld(EvalWorldArgs),
+    /// Train CoOp or CoOp + TextRefiner on the demo world's base classes and evaluate base / new.
+    Train(TrainArgs),
+    /// Base / new / HM of zero-shot CLIP, CoOp and CoOp + TextRefiner over seeds (RESULTS.md).
+    Results(ResultsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResultsArgs {
+    #[arg(long, default_value = "embedded")]
+    pub model: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub seeds: Vec<u64>,
+    #[arg(long, default_value_t = 16)]
+    pub shots: usize,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 4)]
+    pub views: usize,
+    #[arg(long, default_value_t = 50)]
+    pub test_per_class: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// coop or coop-refiner.
+    #[arg(long, default_value = "coop-refiner")]
+    pub method: String,
+    #[arg(long, default_value = "embedded")]
+    pub model: String,
+    #[arg(long, default_value_t = 16)]
+    pub shots: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0.002)]
+    pub lr: f64,
+    /// Precomputed augmented views per training image (0: no augmentation).
+    #[arg(long, default_value_t = 4)]
+    pub views: usize,
+    /// Test images per class.
+    #[arg(long, default_value_t = 50)]
+    pub test_per_class: u64,
+    /// Save the trained prompt here (STEM.safetensors + STEM.json).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Output model folder (config.json + model.safetensors, written atomically).
+    #[arg(long, default_value = "assets/tiny-clip")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 700)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after this many minutes even if steps remain.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// Probability that a caption names the local detail.
+    #[arg(long, default_value_t = 0.05)]
+    pub detail_prob: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalWorldArgs {
+    #[arg(long, default_value = "assets/tiny-clip")]
+    pub model: String,
+    /// Test images per class.
+    #[arg(long, default_value_t = 50)]
+    pub per_class: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -88,7 +174,239 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Embed(a) => embed(a),
         Command::Bench(a) => bench(a),
         Command::ExportWorld(a) => export_world(a),
+        Command::Pretrain(a) => pretrain(a),
+        Command::EvalWorld(a) => eval_world(a),
+        Command::Train(a) => train_world(a),
+        Command::Results(a) => results(a),
     }
+}
+
+fn train_world(a: TrainArgs) -> Result<()> {
+    let out = run_world_training(&a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let pct = |v: &serde_json::Value| 100.0 * v.as_f64().unwrap_or(0.0);
+        let z = &out["zero_shot"];
+        let t = &out["trained"];
+        println!("zero-shot CLIP   base {:.1}%  new {:.1}%  HM {:.1}%", pct(&z["base"]), pct(&z["new"]), pct(&z["hm"]));
+        println!("{:<16} base {:.1}%  new {:.1}%  HM {:.1}%", a.method, pct(&t["base"]), pct(&t["new"]), pct(&t["hm"]));
+        println!(
+            "{:.1} s end to end ({:.1} s feature extraction)",
+            out["seconds"]["total"].as_f64().unwrap_or(0.0),
+            out["seconds"]["features"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+/// Train on the demo world's base classes and evaluate base / new; the JSON summary.
+pub fn run_world_training(a: &TrainArgs) -> Result<serde_json::Value> {
+    use crate::data::world::World;
+    use crate::train::{accuracy, class_features, harmonic_mean, train, world_data, zero_shot_features, Method, TrainConfig, TrainEvent};
+    let method = match a.method.as_str() {
+        "coop" => Method::Coop,
+        "coop-refiner" | "textrefiner" => Method::CoopRefiner,
+        m => bail!("unknown method {m:?}: use coop or coop-refiner"),
+    };
+    let t0 = Instant::now();
+    let clip = Clip::load(&a.model, &Device::Cpu)?;
+    let world = World::new(1, clip.image_size() as u32);
+    let names = world.class_names();
+    let (base, new) = world_data::base_new(&world);
+    let base_names: Vec<String> = base.iter().map(|&c| names[c].clone()).collect();
+    let new_names: Vec<String> = new.iter().map(|&c| names[c].clone()).collect();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let picks = world_data::few_shot(&base, a.shots, a.seed);
+    let train_f = world_data::train_features(&clip, &world, &picks, &base, a.views, a.seed, &cancel)?;
+    let test_base = world_data::test_features(&clip, &world, &base, a.test_per_class, &cancel)?;
+    let test_new = world_data::test_features(&clip, &world, &new, a.test_per_class, &cancel)?;
+    let t_features = t0.elapsed().as_secs_f64();
+    let cfg = TrainConfig { method, epochs: a.epochs, batch: a.batch, lr: a.lr, seed: a.seed, ..Default::default() };
+    let quiet = a.json;
+    let trained = train(&clip, &base_names, &train_f, &cfg, &cancel, |e| {
+        if let TrainEvent::Epoch { epoch, train_accuracy, mean_loss } = e {
+            if !quiet {
+                println!("epoch {epoch:>3}  loss {mean_loss:.4}  train accuracy {:.1}%", 100.0 * train_accuracy);
+            }
+        }
+    })?;
+    let zs_b = accuracy(&test_base, &zero_shot_features(&clip, &base_names)?)?;
+    let zs_n = accuracy(&test_new, &zero_shot_features(&clip, &new_names)?)?;
+    let (tb, rb) = class_features(&clip, &trained, &base_names)?;
+    let (tn, rn) = class_features(&clip, &trained, &new_names)?;
+    let (b, n) = match (rb, rn) {
+        (Some(rb), Some(rn)) => (accuracy(&test_base, &rb)?, accuracy(&test_new, &rn)?),
+        _ => (accuracy(&test_base, &tb)?, accuracy(&test_new, &tn)?),
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    if let Some(stem) = &a.save {
+        let metrics = serde_json::json!({"base": b, "new": n, "hm": harmonic_mean(b, n)});
+        crate::checkpoint::save(stem, &clip, &trained, metrics)?;
+        if !a.json {
+            println!("saved {}", stem.with_extension("safetensors").display());
+        }
+    }
+    Ok(serde_json::json!({
+        "method": a.method, "shots": a.shots, "seed": a.seed, "epochs": a.epochs, "views": a.views,
+        "zero_shot": {"base": zs_b, "new": zs_n, "hm": harmonic_mean(zs_b, zs_n)},
+        "trained": {"base": b, "new": n, "hm": harmonic_mean(b, n)},
+        "seconds": {"features": t_features, "total": secs},
+    }))
+}
+
+/// The project's analogue of the paper's base-to-new table on the demo world.
+fn results(a: ResultsArgs) -> Result<()> {
+    let mut rows: Vec<(String, Vec<[f64; 3]>)> = vec![("Zero-shot CLIP".into(), vec![]), ("CoOp".into(), vec![]), ("CoOp + TextRefiner".into(), vec![])];
+    let get = |v: &serde_json::Value| [v["base"].as_f64().unwrap_or(0.0), v["new"].as_f64().unwrap_or(0.0), v["hm"].as_f64().unwrap_or(0.0)];
+    for &seed in &a.seeds {
+        for (i, method) in ["coop", "coop-refiner"].iter().enumerate() {
+            let args = TrainArgs {
+                method: method.to_string(),
+                model: a.model.clone(),
+                shots: a.shots,
+                seed,
+                epochs: a.epochs,
+                batch: 32,
+                lr: 0.002,
+                views: a.views,
+                test_per_class: a.test_per_class,
+                save: None,
+                json: true,
+            };
+            let out = run_world_training(&args)?;
+            eprintln!("seed {seed} {method}: {}", out["trained"]);
+            if i == 0 {
+                rows[0].1.push(get(&out["zero_shot"]));
+            }
+            rows[i + 1].1.push(get(&out["trained"]));
+        }
+    }
+    println!("| method | base | new | HM | per seed (base / new / HM) |");
+    println!("|---|---|---|---|---|");
+    for (name, runs) in &rows {
+        let mean = |k: usize| 100.0 * runs.iter().map(|r| r[k]).sum::<f64>() / runs.len().max(1) as f64;
+        let per: Vec<String> = runs.iter().map(|r| format!("{:.1} / {:.1} / {:.1}", 100.0 * r[0], 100.0 * r[1], 100.0 * r[2])).collect();
+        println!("| {name} | {:.2} | {:.2} | {:.2} | {} |", mean(0), mean(1), mean(2), per.join("; "));
+    }
+    Ok(())
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    use crate::pretrain::{pretrain, save_model_folder, tiny_config, PretrainConfig};
+    let cfg = PretrainConfig {
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        max_secs: a.max_minutes.map(|m| m * 60.0),
+        detail_prob: a.detail_prob,
+        ..Default::default()
+    };
+    println!(
+        "pretraining the tiny CLIP: {} steps of {} image-caption pairs, seed {}, captions name the detail with p = {}",
+        cfg.steps, cfg.batch, cfg.seed, cfg.detail_prob
+    );
+    let bar = indicatif::ProgressBar::new(cfg.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last_val = None;
+    let tensors = pretrain(&cfg, &Device::Cpu, |p| {
+        bar.set_position(p.step as u64);
+        if let Some(v) = p.val_accuracy {
+            last_val = Some(v);
+            let line = format!(
+                "step {:>5}/{}  loss {:.3}  logit scale {:.1}  lr {:.2e}  zero-shot val accuracy (24 classes) {:.1}%  {:.0} s",
+                p.step, p.steps, p.loss, p.logit_scale, p.lr, 100.0 * v, p.secs
+            );
+            // indicatif drops println when the bar is hidden (output not a terminal)
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+        bar.set_message(format!("loss {:.3}", p.loss));
+    })?;
+    bar.finish();
+    save_model_folder(&a.out, &tiny_config(), &tensors)?;
+    println!("wrote {} (last validation accuracy {:.1}%)", a.out.display(), 100.0 * last_val.unwrap_or(0.0));
+    Ok(())
+}
+
+/// Zero-shot base / new / HM and class-level retrieval recall@5 on the demo world's test split.
+pub fn world_metrics(model: &Clip, per_class: u64) -> Result<serde_json::Value> {
+    use crate::data::world::{Split, World};
+    use crate::pretrain::zero_shot_accuracy;
+    use rand::SeedableRng;
+    let world = World::new(1, model.image_size() as u32);
+    let n = world.num_classes();
+    let m = n.div_ceil(2);
+    let base: Vec<usize> = (0..m).collect();
+    let new: Vec<usize> = (m..n).collect();
+    let b = zero_shot_accuracy(model, &world, Split::Test, &base, per_class)?;
+    let nw = zero_shot_accuracy(model, &world, Split::Test, &new, per_class)?;
+    let hm = if b + nw > 0.0 { 2.0 * b * nw / (b + nw) } else { 0.0 };
+    // Retrieval: 4 test images per class against one held-out caption per image (captions
+    // drawn with other seeds, naming the detail); a hit is a top-5 item of the same class.
+    let tok = ClipTokenizer::new();
+    let ctx = model.config.text_config.max_position_embeddings;
+    let per = 4u64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4242);
+    let mut pix = Vec::new();
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    for c in 0..n {
+        for i in 0..per {
+            pix.push(crate::clip::preprocess::normalize_chw(&world.image(Split::Test, c, 10_000 + i)));
+            ids.push(tok.tokenize(&world.caption(c, &mut rng, 1.0), ctx));
+            labels.push(c);
+        }
+    }
+    let s = world.size as usize;
+    let x = batch_tensor(&pix, s, model.device())?;
+    let img = l2_normalize(&model.vision.forward(&x, &VisionOptions::default())?.image_embeds)?;
+    let txt = l2_normalize(&model.text.forward_ids(&ids)?)?;
+    let sim: Vec<Vec<f32>> = img.matmul(&txt.t()?)?.to_vec2()?;
+    let recall = |rows: &Vec<Vec<f32>>| -> f32 {
+        let hits = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, row)| {
+                let mut order: Vec<usize> = (0..row.len()).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                order.iter().take(5).any(|&j| labels[j] == labels[*i])
+            })
+            .count();
+        hits as f32 / rows.len() as f32
+    };
+    let i2t = recall(&sim);
+    let sim_t: Vec<Vec<f32>> = (0..sim[0].len()).map(|j| sim.iter().map(|r| r[j]).collect()).collect();
+    let t2i = recall(&sim_t);
+    Ok(serde_json::json!({
+        "model": model.source,
+        "test_images_per_class": per_class,
+        "zero_shot": {"base": b, "new": nw, "hm": hm, "chance_base": 1.0 / base.len() as f32, "chance_new": 1.0 / new.len() as f32},
+        "retrieval_recall_at_5": {"image_to_text": i2t, "text_to_image": t2i, "pairs": n as u64 * per},
+    }))
+}
+
+fn eval_world(a: EvalWorldArgs) -> Result<()> {
+    let model = Clip::load(&a.model, &Device::Cpu)?;
+    let v = world_metrics(&model, a.per_class)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let z = &v["zero_shot"];
+        let pct = |x: &serde_json::Value| 100.0 * x.as_f64().unwrap_or(0.0);
+        println!("{} on the demo world ({} test images per class)", model.source, a.per_class);
+        println!("  zero-shot  base {:.1}%  new {:.1}%  HM {:.1}%  (chance {:.1}%)", pct(&z["base"]), pct(&z["new"]), pct(&z["hm"]), pct(&z["chance_base"]));
+        let r = &v["retrieval_recall_at_5"];
+        println!("  retrieval recall@5 (class level)  image->text {:.1}%  text->image {:.1}%", pct(&r["image_to_text"]), pct(&r["text_to_image"]));
+    }
+    Ok(())
 }
 
 fn export_world(a: ExportWorldArgs) -> Result<()> {

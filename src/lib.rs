@@ -6,9 +6,15 @@
 //! problem; nothing in the core panics on bad input.
 
 pub mod clip;
+pub mod checkpoint;
 pub mod cli;
+pub mod coop;
 pub mod data;
 pub mod error;
+pub mod pretrain;
+pub mod refiner;
+pub mod train;
+pub mod util;
 pub mod worker;
 
 pub use error::{Error, Result};

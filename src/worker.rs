@@ -19,6 +19,24 @@ pub enum Request {
     LoadModel { spec: String },
     /// Score each image against each text (zero-shot).
     Score { images: Vec<PathBuf>, texts: Vec<String> },
+    /// Zero-shot on the demo world's test split: `per_class` images of every class against
+    /// the prompts "a photo of a {class}.".
+    ScoreWorld { per_class: u64 },
+}
+
+/// One demo-world image with its zero-shot result.
+#[derive(Debug, Clone)]
+pub struct WorldItem {
+    pub class: usize,
+    pub index: u64,
+    /// RGB8 pixels, `size * size * 3`.
+    pub rgb: Vec<u8>,
+    pub size: usize,
+    /// Predicted class (over all classes) and its probability.
+    pub predicted: usize,
+    pub confidence: f32,
+    pub cls_attn: Vec<f32>,
+    pub grid: usize,
 }
 
 /// Summary of a loaded model.
@@ -52,6 +70,8 @@ pub enum Event {
     ModelLoaded { id: u64, result: Result<ModelSummary, String> },
     /// Per image: its score or the error that names the file.
     Scored { id: u64, texts: Vec<String>, results: Vec<Result<ImageScore, String>> },
+    /// The demo world scored zero-shot.
+    WorldScored { id: u64, class_names: Vec<String>, result: Result<Vec<WorldItem>, String> },
 }
 
 /// Handle to the worker thread.
@@ -93,6 +113,18 @@ impl Worker {
                         send(Event::Progress { id, message: format!("scoring {} images ...", images.len()) });
                         let results = score(m, &tok, &images, &texts);
                         send(Event::Scored { id, texts, results });
+                    }
+                    Request::ScoreWorld { per_class } => {
+                        let world = crate::data::world::World::new(1, 64);
+                        let class_names = world.class_names();
+                        let result = match model.as_ref() {
+                            None => Err("no model loaded".to_string()),
+                            Some(m) => {
+                                send(Event::Progress { id, message: "scoring the demo world ...".into() });
+                                score_world(m, &tok, &world, per_class).map_err(|e| e.to_string())
+                            }
+                        };
+                        send(Event::WorldScored { id, class_names, result });
                     }
                 }
             }
@@ -175,4 +207,40 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
         Ok(out)
     };
     inner().unwrap_or_else(|e| images.iter().map(|_| Err(e.to_string())).collect())
+}
+
+fn score_world(m: &Clip, tok: &ClipTokenizer, world: &crate::data::world::World, per_class: u64) -> crate::Result<Vec<WorldItem>> {
+    use crate::data::world::Split;
+    let size = m.image_size();
+    let world = crate::data::world::World::new(world.seed, size as u32);
+    let ctx = m.config.text_config.max_position_embeddings;
+    let ids: Vec<Vec<u32>> = world.class_names().iter().map(|c| tok.tokenize(&format!("a photo of a {c}."), ctx)).collect();
+    let txt = l2_normalize(&m.text.forward_ids(&ids)?)?;
+    let grid = m.config.vision_config.grid();
+    let mut items = Vec::new();
+    for c in 0..world.num_classes() {
+        let imgs: Vec<image::RgbImage> = (0..per_class).map(|i| world.image(Split::Test, c, i)).collect();
+        let pix: Vec<Vec<f32>> = imgs.iter().map(|im| preprocess_eval(im, size as u32)).collect();
+        let x = batch_tensor(&pix, size, m.device())?;
+        let v = m.vision.forward(&x, &VisionOptions::default())?;
+        let img = l2_normalize(&v.image_embeds)?;
+        let logits = (img.matmul(&txt.t()?)? * m.logit_scale as f64)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        let attn = v.cls_attn.to_vec2::<f32>()?;
+        for (i, ((im, p), a)) in imgs.into_iter().zip(probs).zip(attn).enumerate() {
+            let (predicted, confidence) =
+                p.iter().cloned().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((0, 0.0));
+            items.push(WorldItem {
+                class: c,
+                index: i as u64,
+                size: im.width() as usize,
+                rgb: im.into_raw(),
+                predicted,
+                confidence,
+                cls_attn: a,
+                grid,
+            });
+        }
+    }
+    Ok(items)
 }

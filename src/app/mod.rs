@@ -5,6 +5,7 @@
 //! images (file dialog or drag-and-drop), write prompts, and see per-image probabilities and
 //! the last block's CLS attention. The CoOp / TextRefiner views build on it.
 
+mod world_view;
 mod zero_shot;
 
 use std::path::PathBuf;
@@ -35,15 +36,9 @@ impl Default for Persisted {
     }
 }
 
-/// The model the app opens on when nothing else was chosen: the embedded model in assets/
-/// when it exists.
+/// The model the app opens on when nothing else was chosen: the embedded tiny CLIP.
 pub fn default_model_spec() -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets").join("tiny-clip");
-    if p.is_dir() {
-        p.display().to_string()
-    } else {
-        String::new()
-    }
+    crate::clip::EMBEDDED.to_string()
 }
 
 pub struct ExplorerApp {
@@ -54,8 +49,19 @@ pub struct ExplorerApp {
     /// Errors to show once (newest last).
     pub notifications: Vec<String>,
     pub scores: zero_shot::Scores,
+    pub world: world_view::WorldView,
+    pub tab: Tab,
+    ctx: egui::Context,
     pending_load: Option<u64>,
     pending_score: Option<u64>,
+    pending_world: Option<u64>,
+}
+
+/// The main views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    World,
+    Images,
 }
 
 impl ExplorerApp {
@@ -69,8 +75,12 @@ impl ExplorerApp {
             busy: None,
             notifications: vec![],
             scores: Default::default(),
+            world: Default::default(),
+            tab: Tab::World,
+            ctx,
             pending_load: None,
             pending_score: None,
+            pending_world: None,
         };
         if !app.state.model_spec.is_empty() {
             app.load_model(app.state.model_spec.clone());
@@ -107,15 +117,31 @@ impl ExplorerApp {
                             self.state.recent_models.retain(|r| r != &spec);
                             self.state.recent_models.insert(0, spec);
                             self.state.recent_models.truncate(8);
+                            let world_sized = s.image_size == 64;
                             self.model = Some(s);
                             if !self.state.images.is_empty() {
                                 self.score();
+                                self.tab = Tab::Images;
+                            }
+                            if world_sized {
+                                self.pending_world = Some(self.worker.send(Request::ScoreWorld { per_class: 4 }));
                             }
                         }
                         Err(e) => {
                             self.model = None;
                             self.notifications.push(e);
                         }
+                    }
+                }
+                Event::WorldScored { id, class_names, result } => {
+                    if Some(id) != self.pending_world {
+                        continue;
+                    }
+                    self.pending_world = None;
+                    self.busy = None;
+                    match result {
+                        Ok(items) => self.world.set(&self.ctx, class_names, items),
+                        Err(e) => self.notifications.push(e),
                     }
                 }
                 Event::Scored { id, texts, results } => {
@@ -202,9 +228,20 @@ impl eframe::App for ExplorerApp {
         egui::Panel::top("top").show(ui, |ui| {
             self.top_bar_ui(ui);
             self.notifications_ui(ui);
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut self.tab, Tab::World, "Demo world");
+                ui.selectable_value(&mut self.tab, Tab::Images, "Your images");
+            });
         });
-        egui::Panel::left("images").resizable(true).default_size(260.0).show(ui, |ui| self.images_ui(ui));
-        egui::CentralPanel::default().show(ui, |ui| self.results_ui(ui));
+        match self.tab {
+            Tab::World => {
+                egui::CentralPanel::default().show(ui, |ui| self.world_ui(ui));
+            }
+            Tab::Images => {
+                egui::Panel::left("images").resizable(true).default_size(260.0).show(ui, |ui| self.images_ui(ui));
+                egui::CentralPanel::default().show(ui, |ui| self.results_ui(ui));
+            }
+        }
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
@@ -221,6 +258,7 @@ impl ExplorerApp {
         }
         if !files.is_empty() {
             self.state.images.extend(files);
+            self.tab = Tab::Images;
             self.score();
         }
     }

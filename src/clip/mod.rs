@@ -26,6 +26,9 @@ pub use weights::{ModelFiles, Naming};
 
 use crate::error::{Error, Result};
 
+/// The model spec that names the embedded tiny CLIP.
+pub const EMBEDDED: &str = "embedded";
+
 /// A loaded CLIP model (both towers, f32).
 #[derive(Debug, Clone)]
 pub struct Clip {
@@ -77,9 +80,26 @@ impl Clip {
         Ok(Self { config: config.clone(), vision, text, logit_scale, source: source.to_string(), naming })
     }
 
-    /// Load a model named by a folder, a weights file or a hub id.
+    /// Load a model named by a folder, a weights file or a hub id; `embedded` names the tiny
+    /// CLIP compiled into the binary (assets/tiny-clip).
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        if spec == EMBEDDED {
+            return Self::load_embedded(device);
+        }
         Self::load_with_cache(spec, device, None)
+    }
+
+    /// The embedded tiny CLIP (trained on the demo world by `pretrain`, shipped in
+    /// assets/tiny-clip and compiled into the binary), through the ordinary loading path.
+    pub fn load_embedded(device: &Device) -> Result<Self> {
+        const CONFIG: &[u8] = include_bytes!("../../assets/tiny-clip/config.json");
+        const WEIGHTS: &[u8] = include_bytes!("../../assets/tiny-clip/model.safetensors");
+        let path = Path::new("<embedded>/assets/tiny-clip/model.safetensors");
+        let config: ClipConfig = serde_json::from_slice(CONFIG)
+            .map_err(|e| Error::config("<embedded>/assets/tiny-clip/config.json", e.to_string()))?;
+        let tensors = candle_core::safetensors::load_buffer(WEIGHTS, &Device::Cpu)
+            .map_err(|e| Error::weights(path, e.to_string()))?;
+        Self::from_tensors(tensors, &config, Naming::HuggingFace, device, path, EMBEDDED)
     }
 
     /// As [`Clip::load`], with an explicit hub cache folder.

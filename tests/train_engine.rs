@@ -1,0 +1,83 @@
+//! The training loop on the demo world with the embedded model: steps lower the loss, cancel
+//! stops it, a diverging run stops with a clear message.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+use textrefiner_explorer::clip::Clip;
+use textrefiner_explorer::data::world::World;
+use textrefiner_explorer::train::{class_features, train, world_data, Method, TrainConfig, TrainEvent};
+
+fn setup(shots: usize) -> (Clip, Vec<String>, textrefiner_explorer::train::Features) {
+    let clip = Clip::load("embedded", &Device::Cpu).unwrap();
+    let world = World::new(1, 64);
+    let (base, _) = world_data::base_new(&world);
+    let names: Vec<String> = base.iter().map(|&c| world.class_names()[c].clone()).collect();
+    let picks = world_data::few_shot(&base, shots, 1);
+    let f = world_data::train_features(&clip, &world, &picks, &base, 2, 1, &AtomicBool::new(false)).unwrap();
+    (clip, names, f)
+}
+
+/// Cross-entropy of the trained class features (refined ones for TextRefiner) over all rows.
+fn eval_loss(clip: &Clip, t: &textrefiner_explorer::train::Trained, names: &[String], f: &textrefiner_explorer::train::Features) -> f32 {
+    let (base, refined) = class_features(clip, t, names).unwrap();
+    let w = refined.unwrap_or(base);
+    let logits = (f.image.matmul(&w.t().unwrap()).unwrap() * clip.logit_scale as f64).unwrap();
+    let labels = candle_core::Tensor::from_vec(f.labels.clone(), f.len(), &Device::Cpu).unwrap();
+    candle_nn::loss::cross_entropy(&logits, &labels).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn training_lowers_the_loss_for_both_methods() {
+    let (clip, names, f) = setup(8);
+    assert_eq!(f.views, 2);
+    assert_eq!(f.len(), 12 * 8 * 2);
+    for method in [Method::Coop, Method::CoopRefiner] {
+        let cfg = TrainConfig { method, epochs: 8, warmup_epochs: 0, ..Default::default() };
+        let untrained = train(&clip, &names, &f, &TrainConfig { epochs: 0, ..cfg.clone() }, &AtomicBool::new(false), |_| {}).unwrap();
+        let mut steps = 0;
+        let trained = train(&clip, &names, &f, &cfg, &AtomicBool::new(false), |e| {
+            if let TrainEvent::Step { local, reg, .. } = e {
+                steps += 1;
+                if method == Method::Coop {
+                    assert_eq!((*local, *reg), (0.0, 0.0));
+                } else {
+                    assert!(*local > 0.0 && *reg >= 0.0);
+                }
+            }
+        })
+        .unwrap();
+        assert_eq!(steps, 8 * 3, "one view per image per epoch: 96 images / 32 = 3 steps");
+        let (before, after) = (eval_loss(&clip, &untrained, &names, &f), eval_loss(&clip, &trained, &names, &f));
+        println!("{method:?}: training-set loss {before:.4} -> {after:.4}");
+        assert!(after < before - 0.01, "{method:?}: loss {before} -> {after}");
+        assert_eq!(trained.epochs_done, 8);
+        assert_eq!(trained.refiner.is_some(), method == Method::CoopRefiner);
+    }
+}
+
+#[test]
+fn cancel_stops_mid_epoch() {
+    let (clip, names, f) = setup(8);
+    let cancel = AtomicBool::new(false);
+    let mut steps = 0;
+    let err = train(&clip, &names, &f, &TrainConfig::default(), &cancel, |e| {
+        if let TrainEvent::Step { .. } = e {
+            steps += 1;
+            if steps == 2 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    })
+    .unwrap_err();
+    assert_eq!(steps, 2);
+    assert!(err.to_string().contains("cancelled in epoch 1 at step 3"), "{err}");
+}
+
+#[test]
+fn diverging_loss_stops_with_a_clear_message() {
+    let (clip, names, f) = setup(4);
+    let cfg = TrainConfig { method: Method::CoopRefiner, lr: 1e9, warmup_epochs: 0, epochs: 5, ..Default::default() };
+    let err = train(&clip, &names, &f, &cfg, &AtomicBool::new(false), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("training stopped") && err.contains("loss became"), "{err}");
+}
