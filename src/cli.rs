@@ -456,17 +456,8 @@ fn embed(a: EmbedArgs) -> Result<()> {
         (Some(i), Some(t)) => Some(i.matmul(&t.t()?)?.to_vec2()?),
         _ => None,
     };
-    let probs: Option<Vec<Vec<f32>>> = sims.as_ref().map(|s| {
-        s.iter()
-            .map(|row| {
-                let logits: Vec<f32> = row.iter().map(|c| c * model.logit_scale).collect();
-                let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
-                let z: f32 = e.iter().sum();
-                e.iter().map(|x| x / z).collect()
-            })
-            .collect()
-    });
+    let probs: Option<Vec<Vec<f32>>> =
+        sims.as_ref().map(|s| s.iter().map(|row| crate::clip::softmax_scaled(row, model.logit_scale)).collect());
     let rows = |t: &Option<Tensor>| -> Result<Vec<Vec<f32>>> {
         Ok(match t {
             Some(t) => t.to_vec2()?,

@@ -169,11 +169,8 @@ fn batch(world: &World, rng: &mut ChaCha8Rng, b: usize, detail_prob: f64, tok: &
 /// Zero-shot accuracy of `model` on `images` with labels among `classes` (prompt "a photo of a
 /// {class}.").
 pub fn zero_shot_accuracy(model: &Clip, world: &World, split: Split, classes: &[usize], per_class: u64) -> Result<f32> {
-    let tok = ClipTokenizer::new();
-    let ctx = model.config.text_config.max_position_embeddings;
-    let names = world.class_names();
-    let ids: Vec<Vec<u32>> = classes.iter().map(|&c| tok.tokenize(&format!("a photo of a {}.", names[c]), ctx)).collect();
-    let txt = l2_normalize(&model.text.forward_ids(&ids)?)?;
+    let names: Vec<String> = classes.iter().map(|&c| world.class_names()[c].clone()).collect();
+    let txt = crate::train::zero_shot_features(model, &names)?;
     let mut correct = 0usize;
     let mut total = 0usize;
     for (label, &c) in classes.iter().enumerate() {

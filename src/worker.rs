@@ -121,7 +121,7 @@ impl Worker {
                             None => Err("no model loaded".to_string()),
                             Some(m) => {
                                 send(Event::Progress { id, message: "scoring the demo world ...".into() });
-                                score_world(m, &tok, &world, per_class).map_err(|e| e.to_string())
+                                score_world(m, &world, per_class).map_err(|e| e.to_string())
                             }
                         };
                         send(Event::WorldScored { id, class_names, result });
@@ -196,11 +196,7 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
                 Some(t) => img.matmul(&t.t()?)?.squeeze(0)?.to_vec1()?,
                 None => vec![],
             };
-            let logits: Vec<f32> = cosine.iter().map(|c| c * m.logit_scale).collect();
-            let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = logits.iter().map(|l| (l - mx).exp()).collect();
-            let z: f32 = e.iter().sum();
-            let probs = e.iter().map(|x| x / z).collect();
+            let probs = crate::clip::softmax_scaled(&cosine, m.logit_scale);
             let cls_attn = v.cls_attn.squeeze(0)?.to_vec1()?;
             out.push(Ok(ImageScore { path: p.clone(), cosine, probs, cls_attn, grid }));
         }
@@ -209,13 +205,11 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
     inner().unwrap_or_else(|e| images.iter().map(|_| Err(e.to_string())).collect())
 }
 
-fn score_world(m: &Clip, tok: &ClipTokenizer, world: &crate::data::world::World, per_class: u64) -> crate::Result<Vec<WorldItem>> {
+fn score_world(m: &Clip, world: &crate::data::world::World, per_class: u64) -> crate::Result<Vec<WorldItem>> {
     use crate::data::world::Split;
     let size = m.image_size();
     let world = crate::data::world::World::new(world.seed, size as u32);
-    let ctx = m.config.text_config.max_position_embeddings;
-    let ids: Vec<Vec<u32>> = world.class_names().iter().map(|c| tok.tokenize(&format!("a photo of a {c}."), ctx)).collect();
-    let txt = l2_normalize(&m.text.forward_ids(&ids)?)?;
+    let txt = crate::train::zero_shot_features(m, &world.class_names())?;
     let grid = m.config.vision_config.grid();
     let mut items = Vec::new();
     for c in 0..world.num_classes() {

@@ -26,6 +26,15 @@ pub use weights::{ModelFiles, Naming};
 
 use crate::error::{Error, Result};
 
+/// Zero-shot probabilities from cosine similarities: softmax over `logit_scale * cosine`.
+pub fn softmax_scaled(cosine: &[f32], logit_scale: f32) -> Vec<f32> {
+    let logits: Vec<f32> = cosine.iter().map(|c| c * logit_scale).collect();
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.iter().map(|x| x / z).collect()
+}
+
 /// The model spec that names the embedded tiny CLIP.
 pub const EMBEDDED: &str = "embedded";
 
