@@ -65,9 +65,9 @@ pub enum Tab {
 }
 
 impl ExplorerApp {
-    pub fn with_state(ctx: egui::Context, state: Persisted) -> Self {
+    pub fn with_state(ctx: egui::Context, state: Persisted) -> std::io::Result<Self> {
         let waker_ctx = ctx.clone();
-        let worker = Worker::spawn(move || waker_ctx.request_repaint()).expect("spawn the model thread");
+        let worker = Worker::spawn(move || waker_ctx.request_repaint())?;
         let mut app = Self {
             state,
             worker,
@@ -85,7 +85,7 @@ impl ExplorerApp {
         if !app.state.model_spec.is_empty() {
             app.load_model(app.state.model_spec.clone());
         }
-        app
+        Ok(app)
     }
 
     pub fn load_model(&mut self, spec: String) {
@@ -288,7 +288,7 @@ pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
             if !start.images.is_empty() {
                 state.images = start.images;
             }
-            Ok(Box::new(ExplorerApp::with_state(cc.egui_ctx.clone(), state)))
+            Ok(Box::new(ExplorerApp::with_state(cc.egui_ctx.clone(), state)?))
         }),
     )
         .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))

@@ -79,7 +79,18 @@ fn d_eos() -> i64 {
 
 impl Default for TextConfig {
     fn default() -> Self {
-        serde_json::from_str("{}").expect("defaults")
+        Self {
+            vocab_size: d_text_vocab(),
+            hidden_size: d_text_hidden(),
+            intermediate_size: d_text_inter(),
+            num_hidden_layers: d_text_layers(),
+            num_attention_heads: d_text_heads(),
+            max_position_embeddings: d_text_pos(),
+            hidden_act: d_quick_gelu(),
+            layer_norm_eps: d_eps(),
+            bos_token_id: d_bos(),
+            eos_token_id: d_eos(),
+        }
     }
 }
 
@@ -129,7 +140,17 @@ fn d_patch() -> usize {
 
 impl Default for VisionConfig {
     fn default() -> Self {
-        serde_json::from_str("{}").expect("defaults")
+        Self {
+            hidden_size: d_vis_hidden(),
+            intermediate_size: d_vis_inter(),
+            num_hidden_layers: d_vis_layers(),
+            num_attention_heads: d_vis_heads(),
+            num_channels: d_channels(),
+            image_size: d_image(),
+            patch_size: d_patch(),
+            hidden_act: d_quick_gelu(),
+            layer_norm_eps: d_eps(),
+        }
     }
 }
 
@@ -163,7 +184,12 @@ fn d_logit_scale() -> f64 {
 
 impl Default for ClipConfig {
     fn default() -> Self {
-        serde_json::from_str("{}").expect("defaults")
+        Self {
+            text_config: TextConfig::default(),
+            vision_config: VisionConfig::default(),
+            projection_dim: d_proj(),
+            logit_scale_init_value: d_logit_scale(),
+        }
     }
 }
 

@@ -41,7 +41,10 @@ impl Linear {
 
     fn out_dims(&self, x: &Tensor) -> Result<Vec<usize>> {
         let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        match dims.last_mut() {
+            Some(last) => *last = self.weight.dim(0)?,
+            None => candle_core::bail!("linear layer applied to a scalar"),
+        }
         Ok(dims)
     }
 
@@ -141,14 +144,16 @@ pub struct Attention {
 
 impl Attention {
     pub fn load(vb: VarBuilder, dim: usize, heads: usize) -> Result<Self> {
-        let q = Linear::load(vb.pp("q_proj"), dim, dim, true)?;
-        let k = Linear::load(vb.pp("k_proj"), dim, dim, true)?;
-        let v = Linear::load(vb.pp("v_proj"), dim, dim, true)?;
+        let get = |name: &str| -> Result<(Tensor, Tensor)> {
+            let p = vb.pp(name);
+            Ok((p.get((dim, dim), "weight")?, p.get(dim, "bias")?))
+        };
+        let (qw, qb) = get("q_proj")?;
+        let (kw, kb) = get("k_proj")?;
+        let (vw, vbias) = get("v_proj")?;
         let scale = ((dim / heads) as f64).powf(-0.5);
-        let qw = (q.weight * scale)?;
-        let qb = (q.bias.expect("bias") * scale)?;
-        let w = Tensor::cat(&[&qw, &k.weight, &v.weight], 0)?;
-        let b = Tensor::cat(&[&qb, k.bias.as_ref().expect("bias"), v.bias.as_ref().expect("bias")], 0)?;
+        let w = Tensor::cat(&[&(qw * scale)?, &kw, &vw], 0)?;
+        let b = Tensor::cat(&[&(qb * scale)?, &kb, &vbias], 0)?;
         let out_proj = Linear::load(vb.pp("out_proj"), dim, dim, true)?;
         Ok(Self { qkv: Linear::new(w, Some(b)), out_proj, heads })
     }
