@@ -115,13 +115,13 @@ impl Worker {
                         send(Event::Scored { id, texts, results });
                     }
                     Request::ScoreWorld { per_class } => {
-                        let world = crate::data::world::World::new(1, 64);
-                        let class_names = world.class_names();
+                        const WORLD_SEED: u64 = 1;
+                        let class_names = crate::data::world::classes().iter().map(|c| c.name()).collect();
                         let result = match model.as_ref() {
                             None => Err("no model loaded".to_string()),
                             Some(m) => {
                                 send(Event::Progress { id, message: "scoring the demo world ...".into() });
-                                score_world(m, &world, per_class).map_err(|e| e.to_string())
+                                score_world(m, WORLD_SEED, per_class).map_err(|e| e.to_string())
                             }
                         };
                         send(Event::WorldScored { id, class_names, result });
@@ -205,10 +205,11 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
     inner().unwrap_or_else(|e| images.iter().map(|_| Err(e.to_string())).collect())
 }
 
-fn score_world(m: &Clip, world: &crate::data::world::World, per_class: u64) -> crate::Result<Vec<WorldItem>> {
+/// The world drawn at the model's input size.
+fn score_world(m: &Clip, world_seed: u64, per_class: u64) -> crate::Result<Vec<WorldItem>> {
     use crate::data::world::Split;
     let size = m.image_size();
-    let world = crate::data::world::World::new(world.seed, size as u32);
+    let world = crate::data::world::World::new(world_seed, size as u32);
     let txt = crate::train::zero_shot_features(m, &world.class_names())?;
     let grid = m.config.vision_config.grid();
     let mut items = Vec::new();

@@ -268,14 +268,10 @@ fn usable(x: &Tensor) -> bool {
         && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !x.track_op()
 }
 
-fn time_softmax(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Softmax)
-}
-
 /// Softmax over the last dimension (inference).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if usable(x) {
-        time_softmax(x)
+        x.contiguous()?.apply_op1_no_bwd(&Softmax)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }

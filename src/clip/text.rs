@@ -100,12 +100,7 @@ impl TextTransformer {
         }
         let eot = self.eot_positions(ids);
         let len = eot.iter().max().copied().unwrap_or(0) + 1;
-        let rows: Vec<u32> = ids
-            .iter()
-            .flat_map(|r| (0..len).map(move |j| r.get(j).copied().unwrap_or(0)))
-            .collect();
-        let ids_t = Tensor::from_vec(rows, (ids.len(), len), self.token_embedding.device())?;
-        let emb = self.embed_tokens(&ids_t)?;
+        let emb = self.embed_tokens(&ids_tensor(ids, len, self.token_embedding.device())?)?;
         self.forward_embeds(&emb, &eot)
     }
 
