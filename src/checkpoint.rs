@@ -160,3 +160,175 @@ pub fn from_tensors(
     };
     Ok(Trained { learner, refiner, config, epochs_done })
 }
+
+/// Files of a reference PyTorch run (DATA.md): `prompt_learner/` and, for TextRefiner,
+/// `Memory/`, each with `model-best.pth.tar` or `model.pth.tar-<epoch>`.
+#[derive(Debug, Clone)]
+pub struct ReferenceFiles {
+    pub prompt_learner: PathBuf,
+    pub memory: Option<PathBuf>,
+}
+
+/// The newest checkpoint in a reference sub-folder: `model-best.pth.tar` first, else the
+/// highest `model.pth.tar-<epoch>`.
+fn newest_in(dir: &Path) -> Result<Option<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let best = dir.join("model-best.pth.tar");
+    if best.is_file() {
+        return Ok(Some(best));
+    }
+    let mut found: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        let epoch = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("model.pth.tar-")).and_then(|n| n.parse::<u64>().ok());
+        if let Some(ep) = epoch {
+            if found.as_ref().map(|(b, _)| ep > *b).unwrap_or(true) {
+                found = Some((ep, p));
+            }
+        }
+    }
+    Ok(found.map(|f| f.1))
+}
+
+impl ReferenceFiles {
+    /// `path`: a run folder (with `prompt_learner/`), a `prompt_learner/` folder, or a
+    /// prompt-learner checkpoint file (the Memory file is looked up beside it).
+    pub fn locate(path: &Path) -> Result<Self> {
+        let (pl, run) = if path.is_file() {
+            let run = path.parent().and_then(|p| p.parent()).map(Path::to_path_buf);
+            (path.to_path_buf(), run)
+        } else if path.join("prompt_learner").is_dir() {
+            let pl = newest_in(&path.join("prompt_learner"))?
+                .ok_or_else(|| Error::weights(path.join("prompt_learner"), "no model-best.pth.tar or model.pth.tar-<epoch> in this folder"))?;
+            (pl, Some(path.to_path_buf()))
+        } else if path.file_name().map(|n| n == "prompt_learner").unwrap_or(false) {
+            let pl = newest_in(path)?.ok_or_else(|| Error::weights(path, "no model-best.pth.tar or model.pth.tar-<epoch> in this folder"))?;
+            (pl, path.parent().map(Path::to_path_buf))
+        } else {
+            return Err(Error::weights(
+                path,
+                "not a reference run: expected a folder with prompt_learner/ (and Memory/) holding model.pth.tar-<epoch> or model-best.pth.tar",
+            ));
+        };
+        let memory = match run {
+            Some(run) => {
+                // prefer the Memory file of the same epoch as the prompt learner
+                let same = run.join("Memory").join(pl.file_name().unwrap_or_default());
+                if same.is_file() {
+                    Some(same)
+                } else {
+                    newest_in(&run.join("Memory"))?
+                }
+            }
+            None => None,
+        };
+        Ok(Self { prompt_learner: pl, memory })
+    }
+}
+
+fn find_suffix<'a>(ts: &'a HashMap<String, Tensor>, suffix: &str) -> Option<&'a Tensor> {
+    ts.get(suffix).or_else(|| ts.iter().find(|(k, _)| k.ends_with(&format!(".{suffix}"))).map(|(_, v)| v))
+}
+
+fn read_pth(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
+    let v = candle_core::pickle::read_all_with_key(path, key)
+        .map_err(|e| Error::weights(path, format!("not a readable PyTorch checkpoint ({e})")))?;
+    Ok(v.into_iter().collect())
+}
+
+/// Import a reference PyTorch run (CoOp or CoOp + TextRefiner as the reference code saves it)
+/// for `class_names` (the classes it was trained on, in label order). The context is at
+/// `prompt_learner.ctx`; the local transform at `mid_image_trans.conv1.{0,1,3}.*` (1x1
+/// convolution weights `[d, d, 1, 1]`); the cache at `memory_item` (fp16) and the extractor
+/// at `extractor.weight` in the Memory file. Frozen CLIP weights and token buffers are ignored,
+/// except `token_prefix` whose first dimension tells how many classes the run had.
+pub fn import_reference(path: &Path, clip: &Clip, class_names: Vec<String>, device: &Device) -> Result<Trained> {
+    let files = ReferenceFiles::locate(path)?;
+    let pl_path = &files.prompt_learner;
+    let sd = read_pth(pl_path, Some("state_dict"))?;
+    let ctx = find_suffix(&sd, "ctx")
+        .ok_or_else(|| Error::weights(pl_path, "no prompt_learner.ctx in the state_dict: is this a CoOp / TextRefiner prompt-learner checkpoint?"))?;
+    if let Some(prefix) = find_suffix(&sd, "token_prefix") {
+        let c = prefix.dim(0)?;
+        if c != class_names.len() {
+            return Err(Error::weights(
+                pl_path,
+                format!("the run was trained on {c} classes but {} class names were given (pick the dataset and base/new subset it was trained on)", class_names.len()),
+            ));
+        }
+    }
+    let mut ts: HashMap<String, Tensor> = HashMap::new();
+    ts.insert("ctx".into(), ctx.clone());
+    let d = clip.config.projection_dim;
+    let mut config = TrainConfig { method: crate::train::Method::Coop, ..TrainConfig::default() };
+    if let Some(mem_path) = &files.memory {
+        let top = read_pth(mem_path, None)?;
+        let msd = read_pth(mem_path, Some("state_dict")).unwrap_or_default();
+        let cache = top.get("memory_item").ok_or_else(|| Error::weights(mem_path, "no memory_item (the local cache) in this Memory checkpoint"))?;
+        let extractor = find_suffix(&msd, "extractor.weight").ok_or_else(|| Error::weights(mem_path, "no extractor.weight in the state_dict"))?;
+        ts.insert("cache".into(), cache.clone());
+        ts.insert("extractor".into(), extractor.clone());
+        let conv = |k: &str| -> Result<Tensor> {
+            let key = format!("mid_image_trans.conv1.{k}");
+            let t = find_suffix(&sd, &key).ok_or_else(|| Error::weights(pl_path, format!("no {key} (TextRefiner's local transform) in the state_dict")))?;
+            // 1x1 convolution weights [out, in, 1, 1] are linear weights [out, in]
+            Ok(if t.rank() == 4 { t.flatten_from(1)? } else { t.clone() })
+        };
+        for (ours, theirs) in [
+            ("w1", "0.weight"),
+            ("b1", "0.bias"),
+            ("bn_w", "1.weight"),
+            ("bn_b", "1.bias"),
+            ("running_mean", "1.running_mean"),
+            ("running_var", "1.running_var"),
+            ("w2", "3.weight"),
+            ("b2", "3.bias"),
+        ] {
+            ts.insert(format!("local.{ours}"), conv(theirs)?);
+        }
+        config.method = crate::train::Method::CoopRefiner;
+        config.cache_size = cache.dim(0)?;
+        let _ = d;
+    }
+    let epoch = pl_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("model.pth.tar-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    from_tensors(&ts, class_names, config, epoch, clip, device, pl_path)
+}
+
+/// Load ours (`STEM`, `STEM.json` or `STEM.safetensors`) or import a reference run, whichever
+/// `path` is. Reference runs need the class names they were trained on.
+pub fn load_any(path: &Path, clip: &Clip, reference_classes: Option<Vec<String>>, device: &Device) -> Result<Trained> {
+    let stem = match path.extension().and_then(|e| e.to_str()) {
+        Some("json") | Some("safetensors") => path.with_extension(""),
+        _ => path.to_path_buf(),
+    };
+    if stem.with_extension("json").is_file() {
+        return load(&stem, clip, device).map(|t| t.0);
+    }
+    match reference_classes {
+        Some(names) => import_reference(path, clip, names, device),
+        None => Err(Error::weights(path, "not a checkpoint of ours (STEM.json + STEM.safetensors) and no class names given for a reference run")),
+    }
+}
+
+/// Check that a trained prompt was trained on `expected` (the dataset's classes in label
+/// order), naming the first difference.
+pub fn check_classes(trained: &Trained, expected: &[String], path: &Path) -> Result<()> {
+    let got = &trained.learner.class_names;
+    if got.as_slice() == expected {
+        return Ok(());
+    }
+    let detail = if got.len() != expected.len() {
+        format!("it has {} classes, the data {}", got.len(), expected.len())
+    } else {
+        let i = got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(0);
+        format!("class {i} is {:?} in the checkpoint but {:?} in the data", got[i], expected[i])
+    };
+    Err(Error::weights(path, format!("the checkpoint was trained on other classes than these: {detail}")))
+}

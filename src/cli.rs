@@ -25,56 +25,16 @@ pub enum Command {
     Pretrain(PretrainArgs),
     /// Zero-shot accuracy (base / new / HM) and retrieval recall@5 of a model on the demo world.
     EvalWorld(EvalWorldArgs),
-    /// Train CoOp or CoOp + TextRefiner on the demo world's base classes and evaluate base / new.
-    Train(TrainArgs),
+    /// Train CoOp or CoOp + TextRefiner on a dataset's base classes; evaluate base / new / HM.
+    Train(crate::commands::TrainArgs),
+    /// Evaluate zero-shot CLIP or a checkpoint: base / new / HM, per-class accuracy, confusion.
+    Eval(crate::commands::EvalArgs),
+    /// CoOp vs CoOp + TextRefiner on the same images: both top-5 and the flip category.
+    Compare(crate::commands::CompareArgs),
+    /// Convert a reference PyTorch run (prompt_learner/ + Memory/) into our checkpoint format.
+    ImportCheckpoint(crate::commands::ImportArgs),
     /// Base / new / HM of zero-shot CLIP, CoOp and CoOp + TextRefiner over seeds (RESULTS.md).
-    Results(ResultsArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct ResultsArgs {
-    #[arg(long, default_value = "embedded")]
-    pub model: String,
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
-    pub seeds: Vec<u64>,
-    #[arg(long, default_value_t = 16)]
-    pub shots: usize,
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 4)]
-    pub views: usize,
-    #[arg(long, default_value_t = 50)]
-    pub test_per_class: u64,
-}
-
-#[derive(Debug, Args)]
-pub struct TrainArgs {
-    /// coop or coop-refiner.
-    #[arg(long, default_value = "coop-refiner")]
-    pub method: String,
-    #[arg(long, default_value = "embedded")]
-    pub model: String,
-    #[arg(long, default_value_t = 16)]
-    pub shots: usize,
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 0.002)]
-    pub lr: f64,
-    /// Precomputed augmented views per training image (0: no augmentation).
-    #[arg(long, default_value_t = 4)]
-    pub views: usize,
-    /// Test images per class.
-    #[arg(long, default_value_t = 50)]
-    pub test_per_class: u64,
-    /// Save the trained prompt here (STEM.safetensors + STEM.json).
-    #[arg(long)]
-    pub save: Option<PathBuf>,
-    #[arg(long)]
-    pub json: bool,
+    Results(crate::commands::ResultsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -176,120 +136,12 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::ExportWorld(a) => export_world(a),
         Command::Pretrain(a) => pretrain(a),
         Command::EvalWorld(a) => eval_world(a),
-        Command::Train(a) => train_world(a),
-        Command::Results(a) => results(a),
+        Command::Train(a) => crate::commands::train_cmd(a),
+        Command::Eval(a) => crate::commands::eval_cmd(a),
+        Command::Compare(a) => crate::commands::compare_cmd(a),
+        Command::ImportCheckpoint(a) => crate::commands::import_cmd(a),
+        Command::Results(a) => crate::commands::results_cmd(a),
     }
-}
-
-fn train_world(a: TrainArgs) -> Result<()> {
-    let out = run_world_training(&a)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        let pct = |v: &serde_json::Value| 100.0 * v.as_f64().unwrap_or(0.0);
-        let z = &out["zero_shot"];
-        let t = &out["trained"];
-        println!("zero-shot CLIP   base {:.1}%  new {:.1}%  HM {:.1}%", pct(&z["base"]), pct(&z["new"]), pct(&z["hm"]));
-        println!("{:<16} base {:.1}%  new {:.1}%  HM {:.1}%", a.method, pct(&t["base"]), pct(&t["new"]), pct(&t["hm"]));
-        println!(
-            "{:.1} s end to end ({:.1} s feature extraction)",
-            out["seconds"]["total"].as_f64().unwrap_or(0.0),
-            out["seconds"]["features"].as_f64().unwrap_or(0.0)
-        );
-    }
-    Ok(())
-}
-
-/// Train on the demo world's base classes and evaluate base / new; the JSON summary.
-pub fn run_world_training(a: &TrainArgs) -> Result<serde_json::Value> {
-    use crate::data::world::World;
-    use crate::train::{accuracy, class_features, harmonic_mean, train, world_data, zero_shot_features, Method, TrainConfig, TrainEvent};
-    let method = match a.method.as_str() {
-        "coop" => Method::Coop,
-        "coop-refiner" | "textrefiner" => Method::CoopRefiner,
-        m => bail!("unknown method {m:?}: use coop or coop-refiner"),
-    };
-    let t0 = Instant::now();
-    let clip = Clip::load(&a.model, &Device::Cpu)?;
-    let world = World::new(1, clip.image_size() as u32);
-    let names = world.class_names();
-    let (base, new) = world_data::base_new(&world);
-    let base_names: Vec<String> = base.iter().map(|&c| names[c].clone()).collect();
-    let new_names: Vec<String> = new.iter().map(|&c| names[c].clone()).collect();
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let picks = world_data::few_shot(&base, a.shots, a.seed);
-    let train_f = world_data::train_features(&clip, &world, &picks, &base, a.views, a.seed, &cancel)?;
-    let test_base = world_data::test_features(&clip, &world, &base, a.test_per_class, &cancel)?;
-    let test_new = world_data::test_features(&clip, &world, &new, a.test_per_class, &cancel)?;
-    let t_features = t0.elapsed().as_secs_f64();
-    let cfg = TrainConfig { method, epochs: a.epochs, batch: a.batch, lr: a.lr, seed: a.seed, ..Default::default() };
-    let quiet = a.json;
-    let trained = train(&clip, &base_names, &train_f, &cfg, &cancel, |e| {
-        if let TrainEvent::Epoch { epoch, train_accuracy, mean_loss } = e {
-            if !quiet {
-                println!("epoch {epoch:>3}  loss {mean_loss:.4}  train accuracy {:.1}%", 100.0 * train_accuracy);
-            }
-        }
-    })?;
-    let zs_b = accuracy(&test_base, &zero_shot_features(&clip, &base_names)?)?;
-    let zs_n = accuracy(&test_new, &zero_shot_features(&clip, &new_names)?)?;
-    let (tb, rb) = class_features(&clip, &trained, &base_names)?;
-    let (tn, rn) = class_features(&clip, &trained, &new_names)?;
-    let (b, n) = match (rb, rn) {
-        (Some(rb), Some(rn)) => (accuracy(&test_base, &rb)?, accuracy(&test_new, &rn)?),
-        _ => (accuracy(&test_base, &tb)?, accuracy(&test_new, &tn)?),
-    };
-    let secs = t0.elapsed().as_secs_f64();
-    if let Some(stem) = &a.save {
-        let metrics = serde_json::json!({"base": b, "new": n, "hm": harmonic_mean(b, n)});
-        crate::checkpoint::save(stem, &clip, &trained, metrics)?;
-        if !a.json {
-            println!("saved {}", stem.with_extension("safetensors").display());
-        }
-    }
-    Ok(serde_json::json!({
-        "method": a.method, "shots": a.shots, "seed": a.seed, "epochs": a.epochs, "views": a.views,
-        "zero_shot": {"base": zs_b, "new": zs_n, "hm": harmonic_mean(zs_b, zs_n)},
-        "trained": {"base": b, "new": n, "hm": harmonic_mean(b, n)},
-        "seconds": {"features": t_features, "total": secs},
-    }))
-}
-
-/// The project's analogue of the paper's base-to-new table on the demo world.
-fn results(a: ResultsArgs) -> Result<()> {
-    let mut rows: Vec<(String, Vec<[f64; 3]>)> = vec![("Zero-shot CLIP".into(), vec![]), ("CoOp".into(), vec![]), ("CoOp + TextRefiner".into(), vec![])];
-    let get = |v: &serde_json::Value| [v["base"].as_f64().unwrap_or(0.0), v["new"].as_f64().unwrap_or(0.0), v["hm"].as_f64().unwrap_or(0.0)];
-    for &seed in &a.seeds {
-        for (i, method) in ["coop", "coop-refiner"].iter().enumerate() {
-            let args = TrainArgs {
-                method: method.to_string(),
-                model: a.model.clone(),
-                shots: a.shots,
-                seed,
-                epochs: a.epochs,
-                batch: 32,
-                lr: 0.002,
-                views: a.views,
-                test_per_class: a.test_per_class,
-                save: None,
-                json: true,
-            };
-            let out = run_world_training(&args)?;
-            eprintln!("seed {seed} {method}: {}", out["trained"]);
-            if i == 0 {
-                rows[0].1.push(get(&out["zero_shot"]));
-            }
-            rows[i + 1].1.push(get(&out["trained"]));
-        }
-    }
-    println!("| method | base | new | HM | per seed (base / new / HM) |");
-    println!("|---|---|---|---|---|");
-    for (name, runs) in &rows {
-        let mean = |k: usize| 100.0 * runs.iter().map(|r| r[k]).sum::<f64>() / runs.len().max(1) as f64;
-        let per: Vec<String> = runs.iter().map(|r| format!("{:.1} / {:.1} / {:.1}", 100.0 * r[0], 100.0 * r[1], 100.0 * r[2])).collect();
-        println!("| {name} | {:.2} | {:.2} | {:.2} | {} |", mean(0), mean(1), mean(2), per.join("; "));
-    }
-    Ok(())
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {

@@ -8,9 +8,13 @@
 pub mod clip;
 pub mod checkpoint;
 pub mod cli;
+pub mod commands;
 pub mod coop;
 pub mod data;
 pub mod error;
+pub mod eval;
+pub mod experiment;
+pub mod features;
 pub mod pretrain;
 pub mod refiner;
 pub mod train;

@@ -147,7 +147,7 @@ fn init_vars(cfg: &ClipConfig, seed: u64, device: &Device) -> Result<(VarMap, Ha
 fn build(varmap: &VarMap, cfg: &ClipConfig, device: &Device) -> Result<Clip> {
     let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
     let (vision, text, logit_scale) = Clip::from_varbuilder(vb, cfg)?;
-    Ok(Clip { config: cfg.clone(), vision, text, logit_scale, source: "pretraining".into(), naming: Naming::HuggingFace })
+    Ok(Clip { config: cfg.clone(), vision, text, logit_scale, source: "pretraining".into(), naming: Naming::HuggingFace, identity: crate::clip::Identity::Named("pretraining".into()) })
 }
 
 /// A batch of freshly drawn images (normalised, `[B, 3, S, S]`) and tokenized captions.

@@ -18,98 +18,12 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::clip::preprocess::{batch_tensor, normalize_chw, preprocess_eval, train_view};
 use crate::clip::tokenizer::ClipTokenizer;
-use crate::clip::{l2_normalize, Clip, VisionOptions};
+use crate::clip::{l2_normalize, Clip};
+pub use crate::features::Features;
 use crate::coop::{CoopOptions, PromptLearner};
 use crate::error::{Error, Result};
 use crate::refiner::{self, Refiner};
-
-/// Image-side features of a set of images (one row per image view).
-#[derive(Debug, Clone)]
-pub struct Features {
-    /// `[n, d]`, L2-normalised.
-    pub image: Tensor,
-    /// `[n, N, d]`: last-block tokens through ln_post and the projection.
-    pub tokens: Tensor,
-    /// `[n, P]`.
-    pub cls_attn: Tensor,
-    /// Label of each row.
-    pub labels: Vec<u32>,
-    /// Rows per image: consecutive rows `i * views .. (i + 1) * views` are views of image i.
-    pub views: usize,
-}
-
-impl Features {
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-    /// Rows `idx`.
-    pub fn select(&self, idx: &[u32]) -> Result<Features> {
-        let i = Tensor::from_vec(idx.to_vec(), idx.len(), self.image.device())?;
-        Ok(Features {
-            image: self.image.index_select(&i, 0)?,
-            tokens: self.tokens.index_select(&i, 0)?,
-            cls_attn: self.cls_attn.index_select(&i, 0)?,
-            labels: idx.iter().map(|&k| self.labels[k as usize]).collect(),
-            views: 1,
-        })
-    }
-}
-
-/// Encode images in batches. `view(i)` gives the i-th view's RGB image and label.
-pub fn extract_features(
-    clip: &Clip,
-    n: usize,
-    view: impl Fn(usize) -> Result<(image::RgbImage, u32)> + Sync,
-    mut progress: impl FnMut(usize, usize),
-    cancel: &AtomicBool,
-) -> Result<Features> {
-    use rayon::prelude::*;
-    let size = clip.image_size();
-    let mut image = Vec::new();
-    let mut tokens = Vec::new();
-    let mut attn = Vec::new();
-    let mut labels = Vec::with_capacity(n);
-    const BATCH: usize = 64;
-    for start in (0..n).step_by(BATCH) {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(Error::Invalid("cancelled".into()));
-        }
-        let end = (start + BATCH).min(n);
-        let items: Vec<Result<(Vec<f32>, u32)>> = (start..end)
-            .into_par_iter()
-            .map(|i| {
-                let (img, label) = view(i)?;
-                let pix = if img.width() as usize == size && img.height() as usize == size {
-                    normalize_chw(&img)
-                } else {
-                    preprocess_eval(&img, size as u32)
-                };
-                Ok((pix, label))
-            })
-            .collect();
-        let mut pix = Vec::with_capacity(end - start);
-        for it in items {
-            let (p, l) = it?;
-            pix.push(p);
-            labels.push(l);
-        }
-        let x = batch_tensor(&pix, size, clip.device())?;
-        let out = clip.vision.forward(&x, &VisionOptions::default())?;
-        image.push(l2_normalize(&out.image_embeds)?);
-        tokens.push(out.tokens);
-        attn.push(out.cls_attn);
-        progress(end, n);
-    }
-    if labels.is_empty() {
-        return Err(Error::Invalid("no images to encode".into()));
-    }
-    Ok(Features { image: Tensor::cat(&image, 0)?, tokens: Tensor::cat(&tokens, 0)?, cls_attn: Tensor::cat(&attn, 0)?, labels, views: 1 })
-}
 
 /// Which method to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -134,6 +48,11 @@ pub struct TrainConfig {
     pub cache_size: usize,
     pub alpha: f64,
     pub seed: u64,
+    /// Use view `epoch % views` of every image in each epoch (with as many precomputed views
+    /// as epochs: a fresh augmentation per epoch, as the reference); otherwise one of the
+    /// views at random.
+    #[serde(default)]
+    pub fresh_views: bool,
 }
 
 impl Default for TrainConfig {
@@ -151,6 +70,7 @@ impl Default for TrainConfig {
             cache_size: refiner::CACHE_SIZE,
             alpha: refiner::ALPHA,
             seed: 1,
+            fresh_views: false,
         }
     }
 }
@@ -249,7 +169,12 @@ pub fn train(
     let mut epochs_done = 0;
     for epoch in 0..cfg.epochs {
         let lr = cfg.lr_at(epoch);
-        let mut order: Vec<u32> = (0..n as u32).map(|i| i * views as u32 + rng.random_range(0..views as u32)).collect();
+        let mut order: Vec<u32> = (0..n as u32)
+            .map(|i| {
+                let v = if cfg.fresh_views { (epoch % views) as u32 } else { rng.random_range(0..views as u32) };
+                i * views as u32 + v
+            })
+            .collect();
         order.shuffle(&mut rng);
         let mut correct = 0usize;
         let mut loss_sum = 0f32;
@@ -324,12 +249,39 @@ pub fn class_features(clip: &Clip, trained: &Trained, class_names: &[String]) ->
     Ok((t, refined))
 }
 
+/// CoOp's zero-shot template for the base-to-new benchmark.
+pub const DEFAULT_TEMPLATE: &str = "a photo of a {}.";
+
 /// Zero-shot class features with the prompt "a photo of a {class}.".
 pub fn zero_shot_features(clip: &Clip, class_names: &[String]) -> Result<Tensor> {
+    zero_shot_ensemble(clip, class_names, &[DEFAULT_TEMPLATE.to_string()])
+}
+
+/// Zero-shot class features from prompt templates (`{}` is replaced by the class name): the
+/// normalised features of each template averaged and re-normalised per class (CLIP's prompt
+/// ensembling).
+pub fn zero_shot_ensemble(clip: &Clip, class_names: &[String], templates: &[String]) -> Result<Tensor> {
+    if templates.is_empty() {
+        return Err(Error::Invalid("no prompt templates".into()));
+    }
     let tok = ClipTokenizer::new();
     let ctx = clip.config.text_config.max_position_embeddings;
-    let ids: Vec<Vec<u32>> = class_names.iter().map(|c| tok.tokenize(&format!("a photo of a {c}."), ctx)).collect();
-    Ok(l2_normalize(&clip.text.forward_ids(&ids)?)?)
+    let mut sum: Option<Tensor> = None;
+    for t in templates {
+        if !t.contains("{}") {
+            return Err(Error::Invalid(format!("prompt template {t:?} has no {{}} for the class name")));
+        }
+        let ids: Vec<Vec<u32>> = class_names.iter().map(|c| tok.tokenize(&t.replace("{}", c), ctx)).collect();
+        let f = l2_normalize(&clip.text.forward_ids(&ids)?)?;
+        sum = Some(match sum {
+            None => f,
+            Some(s) => (s + f)?,
+        });
+    }
+    match sum {
+        Some(s) => Ok(l2_normalize(&s)?),
+        None => Err(Error::Invalid("no prompt templates".into())),
+    }
 }
 
 /// Accuracy of `features` against class features `w` (`[C, d]`), labels in `0..C`.
@@ -344,67 +296,5 @@ pub fn harmonic_mean(b: f32, n: f32) -> f32 {
         2.0 * b * n / (b + n)
     } else {
         0.0
-    }
-}
-
-/// Views of the demo world for the engine: `shots` training images per base class with
-/// `views` augmented views each (0: the plain view), and test images.
-pub mod world_data {
-    use super::*;
-    use crate::data::world::{Split, World};
-
-    /// Few-shot indices per class: `shots` distinct draws from the first 64 train images of each
-    /// class, seeded (the world has as many training images as asked for; the pool mirrors a
-    /// finite training set).
-    pub fn few_shot(classes: &[usize], shots: usize, seed: u64) -> Vec<(usize, u64)> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut out = Vec::new();
-        for &c in classes {
-            let mut pool: Vec<u64> = (0..64).collect();
-            pool.shuffle(&mut rng);
-            out.extend(pool.into_iter().take(shots).map(|i| (c, i)));
-        }
-        out
-    }
-
-    pub fn train_features(clip: &Clip, world: &World, picks: &[(usize, u64)], classes: &[usize], views: usize, seed: u64, cancel: &AtomicBool) -> Result<Features> {
-        let per = views.max(1);
-        let size = clip.image_size() as u32;
-        let mut f = extract_features(
-            clip,
-            picks.len() * per,
-            |i| {
-                let (c, idx) = picks[i / per];
-                let img = world.image(Split::Train, c, idx);
-                let label = classes.iter().position(|&x| x == c).unwrap_or(0) as u32;
-                if views == 0 {
-                    return Ok((img, label));
-                }
-                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((i as u64) << 20) ^ 0xA06);
-                Ok((train_view(&mut rng, &img, size), label))
-            },
-            |_, _| {},
-            cancel,
-        )?;
-        f.views = per;
-        Ok(f)
-    }
-
-    pub fn test_features(clip: &Clip, world: &World, classes: &[usize], per_class: u64, cancel: &AtomicBool) -> Result<Features> {
-        let per = per_class as usize;
-        extract_features(
-            clip,
-            classes.len() * per,
-            |i| Ok((world.image(Split::Test, classes[i / per], (i % per) as u64), (i / per) as u32)),
-            |_, _| {},
-            cancel,
-        )
-    }
-
-    /// Base / new class indices of the world (CoOp's split: first ceil(n/2) labels are base).
-    pub fn base_new(world: &World) -> (Vec<usize>, Vec<usize>) {
-        let n = world.num_classes();
-        let m = n.div_ceil(2);
-        ((0..m).collect(), (m..n).collect())
     }
 }

@@ -6,16 +6,16 @@ use std::sync::atomic::AtomicBool;
 use candle_core::Device;
 use textrefiner_explorer::checkpoint;
 use textrefiner_explorer::clip::Clip;
-use textrefiner_explorer::data::world::World;
-use textrefiner_explorer::train::{class_features, train, world_data, Method, TrainConfig};
+use textrefiner_explorer::data::dataset::{Dataset, Subset};
+use textrefiner_explorer::features::{extract, FeatureBank, Views};
+use textrefiner_explorer::train::{class_features, train, Method, TrainConfig};
 
 fn trained() -> (Clip, textrefiner_explorer::train::Trained, Vec<String>) {
     let clip = Clip::load("embedded", &Device::Cpu).unwrap();
-    let world = World::new(1, 64);
-    let (base, _) = world_data::base_new(&world);
-    let names: Vec<String> = base.iter().map(|&c| world.class_names()[c].clone()).collect();
-    let picks = world_data::few_shot(&base, 2, 3);
-    let f = world_data::train_features(&clip, &world, &picks, &base, 1, 3, &AtomicBool::new(false)).unwrap();
+    let base = Dataset::world(1, 64, 5).subset(Subset::Base);
+    let names = base.class_names.clone();
+    let (items, _) = base.few_shot(2, 3).unwrap();
+    let f = extract(&clip, &FeatureBank::none(), &base, &items, Views::Eval, |_| {}, &AtomicBool::new(false)).unwrap();
     let cfg = TrainConfig { method: Method::CoopRefiner, epochs: 2, warmup_epochs: 0, ..Default::default() };
     let t = train(&clip, &names, &f, &cfg, &AtomicBool::new(false), |_| {}).unwrap();
     (clip, t, names)

@@ -5,17 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Device;
 use textrefiner_explorer::clip::Clip;
-use textrefiner_explorer::data::world::World;
-use textrefiner_explorer::train::{class_features, train, world_data, Method, TrainConfig, TrainEvent};
+use textrefiner_explorer::data::dataset::{Dataset, Subset};
+use textrefiner_explorer::features::{extract, FeatureBank, Views};
+use textrefiner_explorer::train::{class_features, train, Method, TrainConfig, TrainEvent};
 
 fn setup(shots: usize) -> (Clip, Vec<String>, textrefiner_explorer::train::Features) {
     let clip = Clip::load("embedded", &Device::Cpu).unwrap();
-    let world = World::new(1, 64);
-    let (base, _) = world_data::base_new(&world);
-    let names: Vec<String> = base.iter().map(|&c| world.class_names()[c].clone()).collect();
-    let picks = world_data::few_shot(&base, shots, 1);
-    let f = world_data::train_features(&clip, &world, &picks, &base, 2, 1, &AtomicBool::new(false)).unwrap();
-    (clip, names, f)
+    let base = Dataset::world(1, 64, 5).subset(Subset::Base);
+    let (items, _) = base.few_shot(shots, 1).unwrap();
+    let f = extract(&clip, &FeatureBank::none(), &base, &items, Views::Augmented { count: 2, seed: 1 }, |_| {}, &AtomicBool::new(false)).unwrap();
+    (clip, base.class_names.clone(), f)
 }
 
 /// Cross-entropy of the trained class features (refined ones for TextRefiner) over all rows.
@@ -33,7 +32,7 @@ fn training_lowers_the_loss_for_both_methods() {
     assert_eq!(f.views, 2);
     assert_eq!(f.len(), 12 * 8 * 2);
     for method in [Method::Coop, Method::CoopRefiner] {
-        let cfg = TrainConfig { method, epochs: 8, warmup_epochs: 0, ..Default::default() };
+        let cfg = TrainConfig { method, epochs: 8, warmup_epochs: 0, lr: 0.01, ..Default::default() };
         let untrained = train(&clip, &names, &f, &TrainConfig { epochs: 0, ..cfg.clone() }, &AtomicBool::new(false), |_| {}).unwrap();
         let mut steps = 0;
         let trained = train(&clip, &names, &f, &cfg, &AtomicBool::new(false), |e| {

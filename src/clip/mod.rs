@@ -49,6 +49,57 @@ pub struct Clip {
     /// What the model was loaded from (folder, file or hub id).
     pub source: String,
     pub naming: Naming,
+    /// What identifies these weights (for the feature bank); hashed on first use.
+    pub identity: Identity,
+}
+
+/// What a model's identity hash is computed from.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// Compiled-in weights.
+    Bytes(&'static [u8]),
+    /// Weight files on disk (hashed by content).
+    Files(Vec<PathBuf>),
+    /// A model made in memory (random init, pretraining): its description.
+    Named(String),
+}
+
+impl Clip {
+    /// SHA-256 (hex) over the config and the weights' content: the key of cached features.
+    /// Hashing a ViT-B/16 checkpoint reads its 600 MB once per process (memoised).
+    pub fn identity_hash(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::sync::{Mutex, OnceLock};
+        static MEMO: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&self.config).unwrap_or_default());
+        let memo_key = match &self.identity {
+            Identity::Bytes(b) => {
+                h.update(b);
+                None
+            }
+            Identity::Named(n) => {
+                h.update(n.as_bytes());
+                None
+            }
+            Identity::Files(files) => {
+                let key = format!("{files:?}");
+                if let Some(v) = MEMO.get_or_init(Default::default).lock().ok().and_then(|m| m.get(&key).cloned()) {
+                    return Ok(v);
+                }
+                for f in files {
+                    let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+                    std::io::copy(&mut file, &mut h).map_err(|e| Error::io(f, e))?;
+                }
+                Some(key)
+            }
+        };
+        let v = crate::data::dataset::hex(&h.finalize());
+        if let (Some(k), Ok(mut m)) = (memo_key, MEMO.get_or_init(Default::default).lock()) {
+            m.insert(k, v.clone());
+        }
+        Ok(v)
+    }
 }
 
 impl Clip {
@@ -86,7 +137,7 @@ impl Clip {
         let (vision, text, logit_scale) = Self::from_varbuilder(vb, config).map_err(|e| {
             Error::weights(path, format!("the weights do not fit the config ({e}); is the config for this model?"))
         })?;
-        Ok(Self { config: config.clone(), vision, text, logit_scale, source: source.to_string(), naming })
+        Ok(Self { config: config.clone(), vision, text, logit_scale, source: source.to_string(), naming, identity: Identity::Named(source.to_string()) })
     }
 
     /// Load a model named by a folder, a weights file or a hub id; `embedded` names the tiny
@@ -108,7 +159,9 @@ impl Clip {
             .map_err(|e| Error::config("<embedded>/assets/tiny-clip/config.json", e.to_string()))?;
         let tensors = candle_core::safetensors::load_buffer(WEIGHTS, &Device::Cpu)
             .map_err(|e| Error::weights(path, e.to_string()))?;
-        Self::from_tensors(tensors, &config, Naming::HuggingFace, device, path, EMBEDDED)
+        let mut clip = Self::from_tensors(tensors, &config, Naming::HuggingFace, device, path, EMBEDDED)?;
+        clip.identity = Identity::Bytes(WEIGHTS);
+        Ok(clip)
     }
 
     /// As [`Clip::load`], with an explicit hub cache folder.
@@ -140,7 +193,9 @@ impl Clip {
                 _ => weights::infer_openai_config(&tensors, first)?,
             },
         };
-        Self::from_tensors(tensors, &config, naming, device, first, &files.spec)
+        let mut clip = Self::from_tensors(tensors, &config, naming, device, first, &files.spec)?;
+        clip.identity = Identity::Files(files.weights.clone());
+        Ok(clip)
     }
 
     pub fn device(&self) -> &Device {

@@ -81,6 +81,7 @@ pub fn random_clip(config: &super::ClipConfig, seed: u64, device: &Device) -> cr
         logit_scale,
         source: format!("random(seed={seed})"),
         naming: super::Naming::HuggingFace,
+        identity: super::Identity::Named(format!("random(seed={seed})")),
     })
 }
 

@@ -1,3 +1,5 @@
-//! Data: the procedural demo world (and, later, dataset readers and few-shot splits).
+//! Data: dataset readers in the layouts researchers use, few-shot and base/new splits, and the
+//! procedural demo world.
 
 pub mod world;
+pub mod dataset;
