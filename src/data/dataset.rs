@@ -100,6 +100,22 @@ fn coop_image_folder(name: &str) -> Option<&'static str> {
     })
 }
 
+/// The split file CoOp expects in each of its benchmark folders (DATA.md).
+fn coop_split_name(folder: &str) -> Option<&'static str> {
+    Some(match folder {
+        "caltech-101" => "split_zhou_Caltech101.json",
+        "oxford_pets" => "split_zhou_OxfordPets.json",
+        "stanford_cars" => "split_zhou_StanfordCars.json",
+        "oxford_flowers" => "split_zhou_OxfordFlowers.json",
+        "food-101" => "split_zhou_Food101.json",
+        "sun397" => "split_zhou_SUN397.json",
+        "dtd" => "split_zhou_DescribableTextures.json",
+        "eurosat" => "split_zhou_EuroSAT.json",
+        "ucf101" => "split_zhou_UCF101.json",
+        _ => return None,
+    })
+}
+
 impl Dataset {
     /// The demo world with `test_per_class` test images per class, drawn at `size` pixels.
     pub fn world(seed: u64, size: u32, test_per_class: u64) -> Self {
@@ -151,6 +167,17 @@ impl Dataset {
         }
         if root.join("classnames.txt").exists() && root.join("images").join("train").is_dir() {
             return Self::imagenet(root);
+        }
+        // a CoOp benchmark folder without its split file would otherwise be read as one class
+        let folder = root.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+        if let Some(split) = coop_split_name(&folder) {
+            return Err(Error::Invalid(format!(
+                "{}: this looks like CoOp's {folder} folder but its split file {split} is missing (download it from the CoOp repository's DATASETS.md)",
+                root.display()
+            )));
+        }
+        if folder == "fgvc_aircraft" {
+            return Err(Error::Invalid(format!("{}: FGVCAircraft needs variants.txt and images_variant_{{train,val,test}}.txt", root.display())));
         }
         Self::image_folder(root)
     }
