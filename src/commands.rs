@@ -207,7 +207,7 @@ pub fn run_training(a: &TrainArgs) -> Result<serde_json::Value> {
     let t_features = t0.elapsed().as_secs_f64();
     let cancel = AtomicBool::new(false);
     let quiet = a.json;
-    let (trained, metrics) = experiment::run(&clip, &p, &cfg, &cancel, |e| {
+    let (_trained, metrics) = experiment::run(&clip, &p, &cfg, &cancel, a.save.as_deref(), |e| {
         if let Event::Train(TrainEvent::Epoch { epoch, train_accuracy, mean_loss }) = e {
             if !quiet {
                 eprintln!("epoch {epoch:>3}  loss {mean_loss:.4}  train accuracy {:.1}%", 100.0 * train_accuracy);
@@ -216,8 +216,6 @@ pub fn run_training(a: &TrainArgs) -> Result<serde_json::Value> {
     })?;
     let secs = t0.elapsed().as_secs_f64();
     if let Some(stem) = &a.save {
-        let m = serde_json::json!({"base": metrics.trained.base, "new": metrics.trained.new, "hm": metrics.trained.hm, "data": a.data.data});
-        checkpoint::save(stem, &clip, &trained, m).with_context(|| format!("saving {}", stem.display()))?;
         if !a.json {
             eprintln!("saved {} (+ .json)", stem.with_extension("safetensors").display());
         }

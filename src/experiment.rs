@@ -3,6 +3,7 @@
 //! feature bank, train CoOp or CoOp + TextRefiner on the base classes, and evaluate zero-shot
 //! CLIP and the trained prompt on base and new test images.
 
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use crate::clip::Clip;
@@ -117,9 +118,25 @@ pub fn evaluate_trained(clip: &Clip, p: &Prepared, trained: &Trained) -> Result<
     Ok(BaseNew::new(acc(&p.base.class_names, &p.base_test)?, acc(&p.new.class_names, &p.new_test)?))
 }
 
-/// Train on the prepared base classes and evaluate.
-pub fn run(clip: &Clip, p: &Prepared, cfg: &TrainConfig, cancel: &AtomicBool, mut on_event: impl FnMut(&Event)) -> Result<(Trained, Metrics)> {
-    let trained = train::train(clip, &p.base.class_names, &p.train, cfg, cancel, |e| on_event(&Event::Train(e.clone())))?;
+/// Train on the prepared base classes and evaluate. With `save`, the checkpoint there is
+/// rewritten (atomically) after every epoch, and with the metrics at the end.
+pub fn run(clip: &Clip, p: &Prepared, cfg: &TrainConfig, cancel: &AtomicBool, save: Option<&Path>, mut on_event: impl FnMut(&Event)) -> Result<(Trained, Metrics)> {
+    let trained = train::train_checkpointed(
+        clip,
+        &p.base.class_names,
+        &p.train,
+        cfg,
+        cancel,
+        |e| on_event(&Event::Train(e.clone())),
+        |t| match save {
+            Some(stem) => crate::checkpoint::save(stem, clip, t, serde_json::json!({"data": p.spec.data, "partial": true})),
+            None => Ok(()),
+        },
+    )?;
     let metrics = Metrics { zero_shot: zero_shot(clip, p)?, trained: evaluate_trained(clip, p, &trained)? };
+    if let Some(stem) = save {
+        let m = serde_json::json!({"data": p.spec.data, "shots": p.spec.shots, "seed": p.spec.seed, "zero_shot": metrics.zero_shot, "trained": metrics.trained});
+        crate::checkpoint::save(stem, clip, &trained, m)?;
+    }
     Ok((trained, metrics))
 }

@@ -131,6 +131,87 @@ impl Sgd {
     }
 }
 
+/// The state of a run between steps: prompt learner, refiner, optimiser.
+pub struct TrainState<'a> {
+    clip: &'a Clip,
+    pub learner: PromptLearner,
+    pub refiner: Option<Refiner>,
+    opt: Sgd,
+    scale: f64,
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutput {
+    pub global: f32,
+    pub local: f32,
+    pub reg: f32,
+    pub total: f32,
+    pub correct: usize,
+}
+
+impl<'a> TrainState<'a> {
+    pub fn new(clip: &'a Clip, class_names: &[String], cfg: &TrainConfig) -> Result<Self> {
+        let tok = ClipTokenizer::new();
+        let learner = PromptLearner::new(clip, &tok, class_names, &cfg.coop)?;
+        let d = clip.config.projection_dim;
+        let refiner = match cfg.method {
+            Method::Coop => None,
+            Method::CoopRefiner => {
+                let mut r = Refiner::new(d, cfg.cache_size, cfg.seed, clip.device())?;
+                r.alpha = cfg.alpha;
+                Some(r)
+            }
+        };
+        let mut vars = vec![learner.ctx.clone()];
+        if let Some(r) = &refiner {
+            vars.extend(r.vars());
+        }
+        let opt = Sgd::new(vars, cfg.momentum, cfg.weight_decay);
+        Ok(Self { clip, learner, refiner, opt, scale: clip.logit_scale as f64 })
+    }
+
+    /// One SGD step on a batch of features at learning rate `lr`. A non-finite loss is an error
+    /// and leaves the parameters untouched.
+    pub fn step(&mut self, b: &Features, lr: f64) -> Result<StepOutput> {
+        let clip = self.clip;
+        let scale = self.scale;
+        let labels = Tensor::from_vec(b.labels.clone(), b.len(), clip.device())?;
+        let t = l2_normalize(&self.learner.text_features(clip)?)?;
+        let (logits, total, l) = match self.refiner.as_mut() {
+            None => {
+                let logits = (b.image.matmul(&t.t()?)? * scale)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                (logits, loss, None)
+            }
+            Some(r) => {
+                let (_fine, refined) = r.refine(&t)?;
+                let (bn, nt, dd) = b.tokens.dims3()?;
+                let trans = r.transform.forward(&b.tokens.reshape((bn * nt, dd))?, true)?;
+                let trans = l2_normalize(&trans)?;
+                let l = refiner::losses(&b.image, &t, &refined, &trans.reshape((bn, nt, dd))?, &b.cls_attn, &labels, scale)?;
+                // write after the read, once per batch, no gradient
+                r.cache.write(&trans.detach())?;
+                let logits = (b.image.matmul(&refined.t()?)? * scale)?;
+                (logits, l.total.clone(), Some(l))
+            }
+        };
+        let total_v = total.to_scalar::<f32>()?;
+        if !total_v.is_finite() {
+            return Err(Error::Invalid(format!("the loss became {total_v}")));
+        }
+        let grads = total.backward()?;
+        self.opt.step(&grads, lr)?;
+        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let correct = pred.iter().zip(&b.labels).filter(|(p, y)| p == y).count();
+        let (global, local, reg) = match &l {
+            Some(l) => (l.global.to_scalar::<f32>()?, l.local.to_scalar::<f32>()?, l.reg.to_scalar::<f32>()?),
+            None => (total_v, 0.0, 0.0),
+        };
+        Ok(StepOutput { global, local, reg, total: total_v, correct })
+    }
+}
+
 /// Train on `train` features (labels in `0..class_names.len()`).
 pub fn train(
     clip: &Clip,
@@ -138,34 +219,32 @@ pub fn train(
     train: &Features,
     cfg: &TrainConfig,
     cancel: &AtomicBool,
+    on_event: impl FnMut(&TrainEvent),
+) -> Result<Trained> {
+    train_checkpointed(clip, class_names, train, cfg, cancel, on_event, |_| Ok(()))
+}
+
+/// [`train`], handing the state after every epoch to `save` (so that a run that diverges or is
+/// cancelled later keeps its last good checkpoint).
+pub fn train_checkpointed(
+    clip: &Clip,
+    class_names: &[String],
+    train: &Features,
+    cfg: &TrainConfig,
+    cancel: &AtomicBool,
     mut on_event: impl FnMut(&TrainEvent),
+    mut save: impl FnMut(&Trained) -> Result<()>,
 ) -> Result<Trained> {
     if train.is_empty() {
         return Err(Error::Invalid("no training images".into()));
     }
-    let tok = ClipTokenizer::new();
-    let learner = PromptLearner::new(clip, &tok, class_names, &cfg.coop)?;
-    let d = clip.config.projection_dim;
-    let mut refiner = match cfg.method {
-        Method::Coop => None,
-        Method::CoopRefiner => {
-            let mut r = Refiner::new(d, cfg.cache_size, cfg.seed, clip.device())?;
-            r.alpha = cfg.alpha;
-            Some(r)
-        }
-    };
-    let mut vars = vec![learner.ctx.clone()];
-    if let Some(r) = &refiner {
-        vars.extend(r.vars());
-    }
-    let mut opt = Sgd::new(vars, cfg.momentum, cfg.weight_decay);
+    let mut state = TrainState::new(clip, class_names, cfg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    // One view per image per epoch (drawn at random among the precomputed ones), so an epoch
-    // has as many steps as the reference's.
+    // One view per image per epoch (drawn at random among the precomputed ones, or view
+    // `epoch % views` with fresh_views), so an epoch has as many steps as the reference's.
     let views = train.views.max(1);
     let n = train.len() / views;
     let steps_per_epoch = n.div_ceil(cfg.batch).max(1);
-    let scale = clip.logit_scale as f64;
     let mut epochs_done = 0;
     for epoch in 0..cfg.epochs {
         let lr = cfg.lr_at(epoch);
@@ -183,50 +262,32 @@ pub fn train(
                 return Err(Error::Invalid(format!("cancelled in epoch {} at step {}", epoch + 1, step + 1)));
             }
             let b = train.select(chunk)?;
-            let labels = Tensor::from_vec(b.labels.clone(), b.len(), clip.device())?;
-            let t = l2_normalize(&learner.text_features(clip)?)?;
-            let (logits, parts) = match refiner.as_mut() {
-                None => {
-                    let logits = (b.image.matmul(&t.t()?)? * scale)?;
-                    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-                    (logits, (loss.clone(), None))
-                }
-                Some(r) => {
-                    let (_fine, refined) = r.refine(&t)?;
-                    let (bn, nt, dd) = b.tokens.dims3()?;
-                    let trans = r.transform.forward(&b.tokens.reshape((bn * nt, dd))?, true)?;
-                    let trans = l2_normalize(&trans)?;
-                    let l = refiner::losses(&b.image, &t, &refined, &trans.reshape((bn, nt, dd))?, &b.cls_attn, &labels, scale)?;
-                    // write after the read, once per batch, no gradient
-                    r.cache.write(&trans.detach())?;
-                    let logits = (b.image.matmul(&refined.t()?)? * scale)?;
-                    (logits, (l.total.clone(), Some(l)))
-                }
-            };
-            let (total, l) = parts;
-            let total_v = total.to_scalar::<f32>()?;
-            if !total_v.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "the loss became {total_v} in epoch {} at step {}: training stopped (lower the learning rate?)",
+            let out = state.step(&b, lr).map_err(|e| match e {
+                Error::Invalid(m) if m.starts_with("the loss became") => Error::Invalid(format!(
+                    "{m} in epoch {} at step {}: training stopped (lower the learning rate?)",
                     epoch + 1,
                     step + 1
-                )));
-            }
-            let grads = total.backward()?;
-            opt.step(&grads, lr)?;
-            let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-            correct += pred.iter().zip(&b.labels).filter(|(p, y)| p == y).count();
-            loss_sum += total_v * chunk.len() as f32;
-            let (global, local, reg) = match &l {
-                Some(l) => (l.global.to_scalar::<f32>()?, l.local.to_scalar::<f32>()?, l.reg.to_scalar::<f32>()?),
-                None => (total_v, 0.0, 0.0),
-            };
-            on_event(&TrainEvent::Step { epoch: epoch + 1, step: step + 1, steps_per_epoch, lr, global, local, reg, total: total_v });
+                )),
+                e => e,
+            })?;
+            correct += out.correct;
+            loss_sum += out.total * chunk.len() as f32;
+            on_event(&TrainEvent::Step {
+                epoch: epoch + 1,
+                step: step + 1,
+                steps_per_epoch,
+                lr,
+                global: out.global,
+                local: out.local,
+                reg: out.reg,
+                total: out.total,
+            });
         }
         epochs_done = epoch + 1;
+        save(&Trained { learner: state.learner.clone(), refiner: state.refiner.clone(), config: cfg.clone(), epochs_done })?;
         on_event(&TrainEvent::Epoch { epoch: epoch + 1, train_accuracy: correct as f32 / n as f32, mean_loss: loss_sum / n as f32 });
     }
-    Ok(Trained { learner, refiner, config: cfg.clone(), epochs_done })
+    Ok(Trained { learner: state.learner, refiner: state.refiner, config: cfg.clone(), epochs_done })
 }
 
 /// Class features for `class_names` with a trained context (and refiner): normalised CoOp

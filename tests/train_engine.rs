@@ -7,7 +7,8 @@ use candle_core::Device;
 use textrefiner_explorer::clip::Clip;
 use textrefiner_explorer::data::dataset::{Dataset, Subset};
 use textrefiner_explorer::features::{extract, FeatureBank, Views};
-use textrefiner_explorer::train::{class_features, train, Method, TrainConfig, TrainEvent};
+use textrefiner_explorer::checkpoint;
+use textrefiner_explorer::train::{class_features, train, train_checkpointed, Method, TrainConfig, TrainEvent};
 
 fn setup(shots: usize) -> (Clip, Vec<String>, textrefiner_explorer::train::Features) {
     let clip = Clip::load("embedded", &Device::Cpu).unwrap();
@@ -74,9 +75,20 @@ fn cancel_stops_mid_epoch() {
 }
 
 #[test]
-fn diverging_loss_stops_with_a_clear_message() {
+fn diverging_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint() {
     let (clip, names, f) = setup(4);
-    let cfg = TrainConfig { method: Method::CoopRefiner, lr: 1e9, warmup_epochs: 0, epochs: 5, ..Default::default() };
-    let err = train(&clip, &names, &f, &cfg, &AtomicBool::new(false), |_| {}).unwrap_err().to_string();
+    // the warm-up epoch (lr 1e-5) is fine; the next one at lr 1e9 diverges
+    let cfg = TrainConfig { method: Method::CoopRefiner, lr: 1e9, warmup_epochs: 1, epochs: 5, ..Default::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let stem = dir.path().join("run");
+    let err = train_checkpointed(&clip, &names, &f, &cfg, &AtomicBool::new(false), |_| {}, |t| checkpoint::save(&stem, &clip, t, serde_json::Value::Null))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("training stopped") && err.contains("loss became"), "{err}");
+    let failed_epoch: usize = err.split("in epoch ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(failed_epoch >= 2);
+    let (kept, meta) = checkpoint::load(&stem, &clip, &Device::Cpu).unwrap();
+    assert_eq!(meta.epochs_done, failed_epoch - 1, "the checkpoint of the last finished epoch is kept");
+    let ctx = kept.learner.ctx.as_tensor().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(ctx.is_finite(), "{ctx}");
 }
