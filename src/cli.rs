@@ -19,6 +19,8 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Benchmark CLIP encoding at real sizes against PyTorch run in the same session.
     Bench(BenchArgs),
+    /// Benchmark one training step (CoOp / CoOp + TextRefiner) against PyTorch in the same run.
+    BenchTrain(crate::bench_train::BenchTrainArgs),
     /// Write the demo world out as an ImageFolder tree (one folder per class) to look at.
     ExportWorld(ExportWorldArgs),
     /// Pretrain the embedded tiny CLIP contrastively on the demo world.
@@ -133,6 +135,7 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Embed(a) => embed(a),
         Command::Bench(a) => bench(a),
+        Command::BenchTrain(a) => crate::bench_train::bench_train(a),
         Command::ExportWorld(a) => export_world(a),
         Command::Pretrain(a) => pretrain(a),
         Command::EvalWorld(a) => eval_world(a),

@@ -153,8 +153,21 @@ impl PromptLearner {
         }
     }
 
-    /// Text features `[C, d]` (not normalised).
+    /// How many leading prompt positions are the same for every class: the start token and
+    /// the context before the class name (none of it when the context is class-specific).
+    pub fn shared_positions(&self) -> usize {
+        if self.ctx.as_tensor().rank() == 3 {
+            return 1;
+        }
+        match self.position {
+            ClassTokenPosition::End => 1 + self.n_ctx,
+            ClassTokenPosition::Middle => 1 + self.n_ctx / 2,
+            ClassTokenPosition::Front => 1,
+        }
+    }
+
+    /// Text features `[C, d]` (not normalised); the shared prompt start is computed once.
     pub fn text_features(&self, clip: &Clip) -> Result<Tensor> {
-        clip.text.forward_embeds(&self.prompts()?, &self.eot)
+        clip.text.forward_embeds_shared(&self.prompts()?, self.shared_positions(), &self.eot)
     }
 }

@@ -22,6 +22,12 @@ struct Cli {
 }
 
 fn main() {
+    // Keep freed pages instead of returning them to the OS after 10 ms (mimalloc's default):
+    // candle allocates every op's output afresh, and training steps otherwise spend ~10% of
+    // their time in the kernel zeroing pages faulted in again (measured with perf, BENCHMARKS.md).
+    // SAFETY: called before any other thread exists; option 15 is `mi_option_purge_delay` in
+    // mimalloc v2 and v3, and -1 means "never purge".
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let cli = Cli::parse();
     let result = match cli.command {
         Some(cmd) => textrefiner_explorer::cli::run(cmd),

@@ -70,6 +70,28 @@ impl LocalTransform {
         vec![self.w1.clone(), self.b1.clone(), self.bn_w.clone(), self.bn_b.clone(), self.w2.clone(), self.b2.clone()]
     }
 
+    /// Training forward on the fused ops of [`crate::clip::train_ops`], L2-normalised: the
+    /// same as `l2_normalize(forward(x, true))` with gradients only for the parameters.
+    pub fn forward_train_normalized(&mut self, x: &Tensor) -> Result<Tensor> {
+        use crate::clip::train_ops;
+        if !train_ops::usable(x) {
+            return l2_normalize(&self.forward(x, true)?);
+        }
+        let n = x.dim(0)?;
+        let h = train_ops::linear_weight_grad(x, self.w1.as_tensor(), self.b1.as_tensor())?;
+        let stats: train_ops::BatchStats = Default::default();
+        let z = train_ops::batch_norm_relu(&h, self.bn_w.as_tensor(), self.bn_b.as_tensor(), BN_EPS, &stats)?;
+        let (mean, var) = stats.lock().map_err(|_| candle_core::Error::Msg("batch statistics lock".into()))?.clone();
+        let d = mean.len();
+        let dev = x.device();
+        let mean = Tensor::from_vec(mean, d, dev)?;
+        let unbiased = (Tensor::from_vec(var, d, dev)? * (n as f64 / (n.max(2) - 1) as f64))?;
+        self.running_mean = ((&self.running_mean * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
+        self.running_var = ((&self.running_var * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+        let u = z.matmul(&self.w2.as_tensor().t()?)?.broadcast_add(self.b2.as_tensor())?;
+        train_ops::l2_normalize(&u)
+    }
+
     /// `x`: `[n, d]` tokens. In training the running statistics are updated.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = x.matmul(&self.w1.as_tensor().t()?)?.broadcast_add(self.b1.as_tensor())?;

@@ -177,7 +177,8 @@ impl<'a> TrainState<'a> {
         let clip = self.clip;
         let scale = self.scale;
         let labels = Tensor::from_vec(b.labels.clone(), b.len(), clip.device())?;
-        let t = l2_normalize(&self.learner.text_features(clip)?)?;
+        use crate::clip::profile::time;
+        let t = time("step: text forward", || l2_normalize(&self.learner.text_features(clip)?))?;
         let (logits, total, l) = match self.refiner.as_mut() {
             None => {
                 let logits = (b.image.matmul(&t.t()?)? * scale)?;
@@ -187,11 +188,12 @@ impl<'a> TrainState<'a> {
             Some(r) => {
                 let (_fine, refined) = r.refine(&t)?;
                 let (bn, nt, dd) = b.tokens.dims3()?;
-                let trans = r.transform.forward(&b.tokens.reshape((bn * nt, dd))?, true)?;
-                let trans = l2_normalize(&trans)?;
-                let l = refiner::losses(&b.image, &t, &refined, &trans.reshape((bn, nt, dd))?, &b.cls_attn, &labels, scale)?;
+                let trans = time("step: local transform", || -> Result<Tensor> {
+                    Ok(r.transform.forward_train_normalized(&b.tokens.reshape((bn * nt, dd))?)?)
+                })?;
+                let l = time("step: losses", || refiner::losses(&b.image, &t, &refined, &trans.reshape((bn, nt, dd))?, &b.cls_attn, &labels, scale))?;
                 // write after the read, once per batch, no gradient
-                r.cache.write(&trans.detach())?;
+                time("step: cache write", || r.cache.write(&trans.detach()))?;
                 let logits = (b.image.matmul(&refined.t()?)? * scale)?;
                 (logits, l.total.clone(), Some(l))
             }
@@ -200,8 +202,8 @@ impl<'a> TrainState<'a> {
         if !total_v.is_finite() {
             return Err(Error::Invalid(format!("the loss became {total_v}")));
         }
-        let grads = total.backward()?;
-        self.opt.step(&grads, lr)?;
+        let grads = time("step: backward", || total.backward())?;
+        time("step: optimiser", || self.opt.step(&grads, lr))?;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let correct = pred.iter().zip(&b.labels).filter(|(p, y)| p == y).count();
         let (global, local, reg) = match &l {

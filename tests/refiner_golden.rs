@@ -59,8 +59,9 @@ fn textrefiner_matches_reference() {
     check("refined", &refined, &g["refined"]);
 
     let (b, n, d) = g["local"].dims3().unwrap();
-    let trans = transform.forward(&g["local"].reshape((b * n, d)).unwrap(), true).unwrap();
-    let trans = l2_normalize(&trans).unwrap().reshape((b, n, d)).unwrap();
+    // the fused training path (what `train` runs)
+    let trans = transform.forward_train_normalized(&g["local"].reshape((b * n, d)).unwrap()).unwrap();
+    let trans = trans.reshape((b, n, d)).unwrap();
     check("BN running mean", &transform.running_mean, &g["running_mean1"]);
     check("BN running var", &transform.running_var, &g["running_var1"]);
     let img = l2_normalize(&g["img_embeds"]).unwrap();

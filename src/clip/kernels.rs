@@ -18,7 +18,7 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -116,7 +116,7 @@ mod avx2 {
 }
 
 #[inline]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
@@ -158,11 +158,11 @@ fn bias_residual_row(src: &[f32], bias: &[f32], res: &[f32], dst: &mut [f32], fa
 }
 
 /// Rows per rayon task so that each task has some 16k elements of work.
-fn rows_per_task(cols: usize) -> usize {
+pub(crate) fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(d) => d,
         _ => candle_core::bail!("{what}: only f32 is supported"),
@@ -261,6 +261,11 @@ static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// Switch the fused kernels off (candle's own ops are used instead), to measure what they buy.
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether our kernels are switched on.
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn usable(x: &Tensor) -> bool {

@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::config::Activation;
 use super::kernels;
+use super::train_ops;
 use super::profile::time;
 
 /// `y = x W^T + b` for `x` of any rank, computed on the flattened 2-D view (one GEMM, and no
@@ -86,6 +87,12 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() && train_ops::usable(x) {
+            let in_dim = x.dim(D::Minus1)?;
+            let rows = x.elem_count() / in_dim.max(1);
+            let y = train_ops::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref(), false)?;
+            return y.reshape(self.out_dims(x)?);
+        }
         let y = self.add_bias(self.gemm(x)?)?;
         y.reshape(self.out_dims(x)?)
     }
@@ -107,7 +114,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
+        if x.track_op() && train_ops::usable(x) {
+            train_ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        } else if x.track_op() {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             time("layer norm", || candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32))
@@ -212,6 +221,37 @@ impl Mlp {
     }
 }
 
+impl Block {
+    /// The block on [`train_ops`]: input-only gradients through frozen weights.
+    fn forward_train(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let hd = d / self.attn.heads;
+        let shape = train_ops::AttnShape::batch(b, l, self.attn.heads, hd, causal);
+        self.forward_rows(&x.reshape((b * l, d))?, shape)?.reshape((b, l, d))
+    }
+
+    /// The block on rows `[rows, D]` whose attention groups are `shape` ([`train_ops`] ops,
+    /// differentiable in `x2` when it tracks a gradient).
+    pub fn forward_rows(&self, x2: &Tensor, shape: train_ops::AttnShape) -> Result<Tensor> {
+        let h = train_ops::layer_norm(x2, &self.ln1.weight, &self.ln1.bias, self.ln1.eps)?;
+        let qkv = train_ops::linear(&h, &self.attn.qkv.weight, self.attn.qkv.bias.as_ref(), false)?;
+        let a = train_ops::attention_groups(&qkv, shape)?;
+        let o = &self.attn.out_proj;
+        let x2 = (x2 + train_ops::linear(&a, &o.weight, o.bias.as_ref(), false)?)?;
+        let h = train_ops::layer_norm(&x2, &self.ln2.weight, &self.ln2.bias, self.ln2.eps)?;
+        let (fc1, fc2) = (&self.mlp.fc1, &self.mlp.fc2);
+        let m = match self.mlp.act {
+            Activation::QuickGelu => train_ops::linear(&h, &fc1.weight, fc1.bias.as_ref(), true)?,
+            act => activation(&train_ops::linear(&h, &fc1.weight, fc1.bias.as_ref(), false)?, act)?,
+        };
+        x2 + train_ops::linear(&m, &fc2.weight, fc2.bias.as_ref(), false)?
+    }
+
+    pub fn heads(&self) -> usize {
+        self.attn.heads
+    }
+}
+
 /// Pre-norm residual block (`CLIPEncoderLayer`).
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -231,7 +271,13 @@ impl Block {
         })
     }
 
+    /// `mask`: the additive causal mask of the text tower, or none. When a gradient is tracked
+    /// through `x` (training a prompt), the block runs on our differentiable ops
+    /// ([`train_ops`]), which treat any mask as the causal one.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
+        if x.track_op() && !want_probs && train_ops::usable(x) {
+            return Ok((self.forward_train(x, mask.is_some())?, None));
+        }
         let (x, probs) = self.attn.forward(&self.ln1.forward(x)?, mask, want_probs, x)?;
         let x = self.mlp.forward_residual(&self.ln2.forward(&x)?, &x)?;
         Ok((x, probs))

@@ -10,6 +10,7 @@ pub mod profile;
 pub mod random;
 pub mod text;
 pub mod tokenizer;
+pub mod train_ops;
 pub mod vision;
 pub mod weights;
 

@@ -128,6 +128,33 @@ impl TextTransformer {
         let pooled = self.final_layer_norm.forward(&pooled)?;
         self.projection.forward(&pooled)
     }
+
+    /// [`Self::forward_embeds`] for prompts whose first `shared` positions are identical in
+    /// every row (CoOp: "[SOS] X X X X" before the class name). Under the causal mask those
+    /// positions have the same hidden states in every prompt, so they are computed once and
+    /// every class attends to the one copy: exact, and `shared / L` of the work saved (a
+    /// third for four context tokens and short names). The gradient reaches the shared part
+    /// through row 0 of `prompts`. Falls back to [`Self::forward_embeds`] off the CPU.
+    pub fn forward_embeds_shared(&self, prompts: &Tensor, shared: usize, eot: &[usize]) -> Result<Tensor> {
+        let (c, l, w) = prompts.dims3()?;
+        let len = eot.iter().max().copied().unwrap_or(0) + 1;
+        if eot.len() != c || shared == 0 || eot.iter().any(|&e| e < shared) || !super::train_ops::usable(prompts) || len > l {
+            return self.forward_embeds(prompts, eot);
+        }
+        let s = len - shared;
+        let pos = &self.position_embedding;
+        let prefix = prompts.narrow(0, 0, 1)?.narrow(1, 0, shared)?.squeeze(0)?.add(&pos.narrow(0, 0, shared)?)?;
+        let suffix = prompts.narrow(1, shared, s)?.broadcast_add(&pos.narrow(0, shared, s)?)?;
+        let mut x = Tensor::cat(&[&prefix, &suffix.reshape((c * s, w))?], 0)?;
+        for block in &self.blocks {
+            let hd = w / block.heads();
+            x = block.forward_rows(&x, super::train_ops::AttnShape::shared_prefix(shared, c, s, block.heads(), hd))?;
+        }
+        let idx: Vec<u32> = eot.iter().enumerate().map(|(i, &e)| (shared + i * s + (e - shared)) as u32).collect();
+        let idx = Tensor::from_vec(idx, c, prompts.device())?;
+        let pooled = self.final_layer_norm.forward(&x.index_select(&idx, 0)?)?;
+        self.projection.forward(&pooled)
+    }
 }
 
 /// Token ids as a `[C, L]` u32 tensor (rows padded with 0).
