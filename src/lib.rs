@@ -15,6 +15,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod explore;
 pub mod features;
 pub mod pretrain;
 pub mod refiner;

@@ -7,7 +7,16 @@ use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use candle_core::Device;
+
+use crate::eval::BaseNew;
+use crate::experiment::Prepared;
+use crate::explore::{Exploration, MethodFeatures};
+use crate::features::FeatureBank;
+use crate::train::{TrainConfig, TrainEvent};
 
 use crate::clip::preprocess::{batch_tensor, load_rgb, preprocess_eval};
 use crate::clip::tokenizer::ClipTokenizer;
@@ -19,24 +28,22 @@ pub enum Request {
     LoadModel { spec: String },
     /// Score each image against each text (zero-shot).
     Score { images: Vec<PathBuf>, texts: Vec<String> },
-    /// Zero-shot on the demo world's test split: `per_class` images of every class against
-    /// the prompts "a photo of a {class}.".
-    ScoreWorld { per_class: u64 },
+    /// Build the comparison views' data for a dataset (`world` or a folder): features from
+    /// the feature bank, zero-shot CLIP, and CoOp and CoOp + TextRefiner trained on the spot.
+    Explore { data: String, shots: usize, seed: u64, test_per_class: Option<usize> },
+    /// Train a run on the explored data in a background thread ("fine-tune"); `cancel` stops
+    /// it at the next step. The checkpoint is saved under `save` when given.
+    Train { cfg: TrainConfig, name: String, cancel: Arc<AtomicBool>, save: Option<PathBuf> },
+    /// Add a checkpoint (ours or a reference run) to the comparison.
+    AddCheckpoint { path: PathBuf },
 }
 
-/// One demo-world image with its zero-shot result.
+/// A finished run.
 #[derive(Debug, Clone)]
-pub struct WorldItem {
-    pub class: usize,
-    pub index: u64,
-    /// RGB8 pixels, `size * size * 3`.
-    pub rgb: Vec<u8>,
-    pub size: usize,
-    /// Predicted class (over all classes) and its probability.
-    pub predicted: usize,
-    pub confidence: f32,
-    pub cls_attn: Vec<f32>,
-    pub grid: usize,
+pub struct TrainOutcome {
+    pub method: MethodFeatures,
+    pub metrics: BaseNew,
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// Summary of a loaded model.
@@ -70,8 +77,12 @@ pub enum Event {
     ModelLoaded { id: u64, result: Result<ModelSummary, String> },
     /// Per image: its score or the error that names the file.
     Scored { id: u64, texts: Vec<String>, results: Vec<Result<ImageScore, String>> },
-    /// The demo world scored zero-shot.
-    WorldScored { id: u64, class_names: Vec<String>, result: Result<Vec<WorldItem>, String> },
+    /// Progress of a slow step as a fraction in 0..=1.
+    Fraction { id: u64, message: String, fraction: f32 },
+    Explored { id: u64, result: Result<Box<Exploration>, String> },
+    TrainStep { id: u64, event: TrainEvent },
+    TrainDone { id: u64, result: Result<TrainOutcome, String> },
+    MethodAdded { id: u64, result: Result<MethodFeatures, String> },
 }
 
 /// Handle to the worker thread.
@@ -83,15 +94,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(waker: impl Fn() + Send + 'static) -> std::io::Result<Self> {
+    pub fn spawn(waker: impl Fn() + Send + Sync + 'static) -> std::io::Result<Self> {
         let (tx, req_rx) = mpsc::channel::<(u64, Request)>();
         let (ev_tx, rx) = mpsc::channel::<Event>();
+        let waker: Arc<dyn Fn() + Send + Sync> = Arc::new(waker);
         let thread = std::thread::Builder::new().name("clip-worker".into()).spawn(move || {
             let mut model: Option<Clip> = None;
+            let mut prepared: Option<Arc<Prepared>> = None;
             let tok = ClipTokenizer::new();
-            let send = |e: Event| {
-                let _ = ev_tx.send(e);
-                waker();
+            let ev_tx2 = ev_tx.clone();
+            let waker2 = waker.clone();
+            let send = move |e: Event| {
+                let _ = ev_tx2.send(e);
+                waker2();
             };
             while let Ok((id, req)) = req_rx.recv() {
                 match req {
@@ -114,17 +129,60 @@ impl Worker {
                         let results = score(m, &tok, &images, &texts);
                         send(Event::Scored { id, texts, results });
                     }
-                    Request::ScoreWorld { per_class } => {
-                        const WORLD_SEED: u64 = 1;
-                        let class_names = crate::data::world::classes().iter().map(|c| c.name()).collect();
-                        let result = match model.as_ref() {
-                            None => Err("no model loaded".to_string()),
-                            Some(m) => {
-                                send(Event::Progress { id, message: "scoring the demo world ...".into() });
-                                score_world(m, WORLD_SEED, per_class).map_err(|e| e.to_string())
-                            }
+                    Request::Explore { data, shots, seed, test_per_class } => {
+                        let Some(m) = model.as_ref() else {
+                            send(Event::Explored { id, result: Err("no model loaded".into()) });
+                            continue;
                         };
-                        send(Event::WorldScored { id, class_names, result });
+                        let result = explore(m, &data, shots, seed, test_per_class, &mut |msg, f| {
+                            send(Event::Fraction { id, message: msg.to_string(), fraction: f })
+                        });
+                        match result {
+                            Ok((p, e)) => {
+                                prepared = Some(Arc::new(p));
+                                send(Event::Explored { id, result: Ok(Box::new(e)) });
+                            }
+                            Err(e) => send(Event::Explored { id, result: Err(e.to_string()) }),
+                        }
+                    }
+                    Request::Train { cfg, name, cancel, save } => {
+                        let (Some(m), Some(p)) = (model.clone(), prepared.clone()) else {
+                            send(Event::TrainDone { id, result: Err("open a model and a dataset first".into()) });
+                            continue;
+                        };
+                        let tx = ev_tx.clone();
+                        let wk = waker.clone();
+                        let spawned = std::thread::Builder::new().name("fine-tune".into()).spawn(move || {
+                            let emit = |e: Event| {
+                                let _ = tx.send(e);
+                                wk();
+                            };
+                            let result = crate::experiment::run(&m, &p, &cfg, &cancel, save.as_deref(), |e| {
+                                if let crate::experiment::Event::Train(ev) = e {
+                                    emit(Event::TrainStep { id, event: ev.clone() });
+                                }
+                            })
+                            .and_then(|(t, metrics)| {
+                                Ok(TrainOutcome { method: crate::explore::method_of(&m, &p, &t, &name)?, metrics: metrics.trained, checkpoint: save.clone() })
+                            })
+                            .map_err(|e| e.to_string());
+                            emit(Event::TrainDone { id, result });
+                        });
+                        if let Err(e) = spawned {
+                            send(Event::TrainDone { id, result: Err(format!("cannot start the training thread: {e}")) });
+                        }
+                    }
+                    Request::AddCheckpoint { path } => {
+                        let result = match (model.as_ref(), prepared.as_ref()) {
+                            (Some(m), Some(p)) => crate::commands::load_for(m, &path, p)
+                                .map_err(|e| format!("{e:#}"))
+                                .and_then(|t| {
+                                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+                                    crate::explore::method_of(m, p, &t, &name).map_err(|e| e.to_string())
+                                }),
+                            _ => Err("open a model and a dataset first".into()),
+                        };
+                        send(Event::MethodAdded { id, result });
                     }
                 }
             }
@@ -206,36 +264,19 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
 }
 
 /// The world drawn at the model's input size.
-fn score_world(m: &Clip, world_seed: u64, per_class: u64) -> crate::Result<Vec<WorldItem>> {
-    use crate::data::world::Split;
-    let size = m.image_size();
-    let world = crate::data::world::World::new(world_seed, size as u32);
-    let txt = crate::train::zero_shot_features(m, &world.class_names())?;
-    let grid = m.config.vision_config.grid();
-    let mut items = Vec::new();
-    for c in 0..world.num_classes() {
-        let imgs: Vec<image::RgbImage> = (0..per_class).map(|i| world.image(Split::Test, c, i)).collect();
-        let pix: Vec<Vec<f32>> = imgs.iter().map(|im| preprocess_eval(im, size as u32)).collect();
-        let x = batch_tensor(&pix, size, m.device())?;
-        let v = m.vision.forward(&x, &VisionOptions::default())?;
-        let img = l2_normalize(&v.image_embeds)?;
-        let logits = (img.matmul(&txt.t()?)? * m.logit_scale as f64)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-        let attn = v.cls_attn.to_vec2::<f32>()?;
-        for (i, ((im, p), a)) in imgs.into_iter().zip(probs).zip(attn).enumerate() {
-            let (predicted, confidence) =
-                p.iter().cloned().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((0, 0.0));
-            items.push(WorldItem {
-                class: c,
-                index: i as u64,
-                size: im.width() as usize,
-                rgb: im.into_raw(),
-                predicted,
-                confidence,
-                cls_attn: a,
-                grid,
-            });
+
+/// Prepare data and build the exploration (with the default CoOp and CoOp + TextRefiner runs).
+fn explore(m: &Clip, data: &str, shots: usize, seed: u64, test_per_class: Option<usize>, report: &mut dyn FnMut(&str, f32)) -> crate::Result<(Prepared, Exploration)> {
+    let spec = crate::experiment::DataSpec { data: data.to_string(), shots, seed, views: 4, test_per_class };
+    let bank = FeatureBank::at(FeatureBank::default_dir());
+    let cancel = AtomicBool::new(false);
+    let p = crate::experiment::prepare(m, &bank, &spec, |e| {
+        if let crate::experiment::Event::Extract { what, progress } = e {
+            report(&format!("image features ({what}): {}/{}", progress.done, progress.total), progress.done as f32 / progress.total.max(1) as f32);
         }
-    }
-    Ok(items)
+    }, &cancel)?;
+    let (coop, refined) = crate::explore::train_default_runs(m, &p, &cancel, report)?;
+    report("building the views ...", 1.0);
+    let e = crate::explore::Builder { clip: m, prepared: &p }.build(&coop, &refined)?;
+    Ok((p, e))
 }
