@@ -6,6 +6,7 @@
 //! problem; nothing in the core panics on bad input.
 
 pub mod clip;
+pub mod colormap;
 pub mod bench_train;
 pub mod checkpoint;
 pub mod cli;

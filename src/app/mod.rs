@@ -1,18 +1,29 @@
 //! The desktop explorer (feature `gui`). Panels never call model code: they send
 //! [`crate::worker::Request`]s to the model thread and draw what comes back.
 //!
-//! This first version has the zero-shot view: choose a model (folder, file or hub id), add
-//! images (file dialog or drag-and-drop), write prompts, and see per-image probabilities and
-//! the last block's CLS attention. The CoOp / TextRefiner views build on it.
+//! Views: Compare (gallery of test images with CoOp and refined predictions, inspector with
+//! WGSL heatmaps), Metrics (base / new / HM, per-class accuracy, clickable confusion matrix),
+//! Cache (read weights, atlas, nearest words, what-if), Fine-tune (background runs with live
+//! plots and cancel) and Your images (zero-shot scoring of your own files).
 
-mod world_view;
+mod cache_view;
+mod finetune;
+pub mod gallery;
+pub mod heatmap;
+mod metrics;
 mod zero_shot;
 
 use std::path::PathBuf;
 
 use eframe::egui;
 
+use crate::data::dataset::Subset;
+use crate::explore::{Exploration, MethodFeatures, COOP, REFINED};
 use crate::worker::{Event, ModelSummary, Request, Worker};
+
+pub use cache_view::WhatIf;
+pub use finetune::{FinetuneForm, Job};
+pub use gallery::{Gallery, HeatMode, HeatSettings};
 
 const STORAGE_KEY: &str = "textrefiner-explorer-state";
 
@@ -23,6 +34,23 @@ pub struct Persisted {
     pub recent_models: Vec<String>,
     pub prompts: String,
     pub images: Vec<PathBuf>,
+    #[serde(default = "default_data")]
+    pub data: String,
+    #[serde(default)]
+    pub recent_data: Vec<String>,
+    #[serde(default = "default_shots")]
+    pub shots: usize,
+    #[serde(default)]
+    pub heat: HeatSettings,
+    #[serde(default)]
+    pub finetune: FinetuneForm,
+}
+
+fn default_data() -> String {
+    "world".into()
+}
+fn default_shots() -> usize {
+    16
 }
 
 impl Default for Persisted {
@@ -32,6 +60,11 @@ impl Default for Persisted {
             recent_models: vec![],
             prompts: "a photo of a cat.\na photo of a dog.\na photo of a rocket.\na photo of a cup of coffee.".into(),
             images: vec![],
+            data: default_data(),
+            recent_data: vec![],
+            shots: default_shots(),
+            heat: HeatSettings::default(),
+            finetune: FinetuneForm::default(),
         }
     }
 }
@@ -49,25 +82,58 @@ pub struct ExplorerApp {
     /// Errors to show once (newest last).
     pub notifications: Vec<String>,
     pub scores: zero_shot::Scores,
-    pub world: world_view::WorldView,
     pub tab: Tab,
-    ctx: egui::Context,
+    pub explore: Option<Box<Exploration>>,
+    /// Methods compared (A, B): indices into `explore.methods`.
+    pub compare: (usize, usize),
+    pub gallery: Gallery,
+    pub heat: HeatSettings,
+    pub whatif: WhatIf,
+    pub refined_original: Option<MethodFeatures>,
+    pub metrics_subset: Subset,
+    pub job: Option<Job>,
+    pub runs_started: usize,
+    /// Whether heatmaps are drawn by the wgpu shader (false without a wgpu renderer).
+    pub gpu_heatmaps: bool,
+    pub progress: Option<(String, f32)>,
+    /// Recent frame times (seconds), for the status line and the benchmark.
+    pub frame_times: std::collections::VecDeque<f32>,
+    atlas_clicked: Option<usize>,
+    /// Errors reported from callbacks (screenshots), shown as notifications.
+    async_errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pending_load: Option<u64>,
     pending_score: Option<u64>,
-    pending_world: Option<u64>,
+    pending_explore: Option<u64>,
+    pending_add: Option<u64>,
 }
 
 /// The main views.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {
-    World,
+    Compare,
+    Metrics,
+    Cache,
+    Finetune,
     Images,
 }
 
 impl ExplorerApp {
+    /// Create the app from eframe's creation context: installs the heatmap pipeline when a
+    /// wgpu renderer is there, restores the persisted state unless `state` is given.
+    pub fn new(cc: &eframe::CreationContext<'_>, state: Option<Persisted>) -> std::io::Result<Self> {
+        let state = state.unwrap_or_else(|| cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)).unwrap_or_default());
+        let mut app = Self::with_state(cc.egui_ctx.clone(), state)?;
+        if let Some(rs) = cc.wgpu_render_state.as_ref() {
+            heatmap::install(rs);
+            app.gpu_heatmaps = true;
+        }
+        Ok(app)
+    }
+
     pub fn with_state(ctx: egui::Context, state: Persisted) -> std::io::Result<Self> {
         let waker_ctx = ctx.clone();
         let worker = Worker::spawn(move || waker_ctx.request_repaint())?;
+        let heat = state.heat.clone();
         let mut app = Self {
             state,
             worker,
@@ -75,12 +141,25 @@ impl ExplorerApp {
             busy: None,
             notifications: vec![],
             scores: Default::default(),
-            world: Default::default(),
-            tab: Tab::World,
-            ctx,
+            tab: Tab::Compare,
+            explore: None,
+            compare: (COOP, REFINED),
+            gallery: Gallery::default(),
+            heat,
+            whatif: WhatIf::default(),
+            refined_original: None,
+            metrics_subset: Subset::Base,
+            job: None,
+            runs_started: 0,
+            gpu_heatmaps: false,
+            progress: None,
+            frame_times: Default::default(),
+            atlas_clicked: None,
+            async_errors: Default::default(),
             pending_load: None,
             pending_score: None,
-            pending_world: None,
+            pending_explore: None,
+            pending_add: None,
         };
         if !app.state.model_spec.is_empty() {
             app.load_model(app.state.model_spec.clone());
@@ -94,6 +173,31 @@ impl ExplorerApp {
         self.pending_load = Some(self.worker.send(Request::LoadModel { spec }));
     }
 
+    /// Prepare the comparison on the current data (features, zero-shot, CoOp and CoOp +
+    /// TextRefiner trained in the background).
+    pub fn explore(&mut self) {
+        self.explore = None;
+        self.gallery = Gallery::default();
+        self.progress = Some(("preparing the comparison …".into(), 0.0));
+        let data = self.state.data.clone();
+        let test_per_class = if data.starts_with("world") { None } else { Some(20) };
+        self.pending_explore = Some(self.worker.send(Request::Explore { data, shots: self.state.shots, seed: 1, test_per_class }));
+    }
+
+    pub fn open_data(&mut self, spec: String) {
+        self.state.data = spec.clone();
+        self.state.recent_data.retain(|r| r != &spec);
+        self.state.recent_data.insert(0, spec);
+        self.state.recent_data.truncate(8);
+        if self.model.is_some() {
+            self.explore();
+        }
+    }
+
+    pub fn add_checkpoint(&mut self, path: PathBuf) {
+        self.pending_add = Some(self.worker.send(Request::AddCheckpoint { path }));
+    }
+
     pub fn score(&mut self) {
         let texts: Vec<String> =
             self.state.prompts.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
@@ -102,9 +206,74 @@ impl ExplorerApp {
     }
 
     fn drain_events(&mut self) {
+        if let Ok(mut v) = self.async_errors.lock() {
+            self.notifications.append(&mut v);
+        }
         for ev in self.worker.poll() {
             match ev {
                 Event::Progress { message, .. } => self.busy = Some(message),
+                Event::Fraction { id, message, fraction } => {
+                    if Some(id) == self.pending_explore {
+                        self.progress = Some((message, fraction));
+                    }
+                }
+                Event::Explored { id, result } => {
+                    if Some(id) != self.pending_explore {
+                        continue;
+                    }
+                    self.pending_explore = None;
+                    self.progress = None;
+                    match result {
+                        Ok(e) => {
+                            self.refined_original = e.methods.get(REFINED).cloned();
+                            self.whatif = WhatIf { alpha: e.refiner.as_ref().map(|r| r.alpha).unwrap_or(0.2), enabled: vec![true; e.num_entries()], active: false };
+                            self.compare = (COOP, REFINED.min(e.methods.len() - 1));
+                            self.explore = Some(e);
+                        }
+                        Err(e) => self.notifications.push(e),
+                    }
+                }
+                Event::TrainStep { id, event } => self.on_train_step(id, event),
+                Event::TrainDone { id, result } => {
+                    let Some(j) = self.job.as_mut().filter(|j| j.id == id) else { continue };
+                    j.running = false;
+                    match result {
+                        Ok(out) => {
+                            j.status = format!(
+                                "done: base {:.1}%, new {:.1}%, HM {:.1}%{}",
+                                100.0 * out.metrics.base,
+                                100.0 * out.metrics.new,
+                                100.0 * out.metrics.hm,
+                                out.checkpoint.as_ref().map(|p| format!(" · saved {}", p.with_extension("safetensors").display())).unwrap_or_default()
+                            );
+                            j.progress = 1.0;
+                            if let Some(e) = self.explore.as_mut() {
+                                e.methods.push(out.method);
+                            }
+                        }
+                        Err(e) => {
+                            j.status = format!("stopped: {e}");
+                            if !e.contains("cancelled") {
+                                self.notifications.push(e);
+                            }
+                        }
+                    }
+                }
+                Event::MethodAdded { id, result } => {
+                    if Some(id) != self.pending_add {
+                        continue;
+                    }
+                    self.pending_add = None;
+                    match result {
+                        Ok(m) => {
+                            if let Some(e) = self.explore.as_mut() {
+                                e.methods.push(m);
+                                self.compare.1 = e.methods.len() - 1;
+                            }
+                        }
+                        Err(e) => self.notifications.push(e),
+                    }
+                }
                 Event::ModelLoaded { id, result } => {
                     if Some(id) != self.pending_load {
                         continue; // stale
@@ -117,31 +286,17 @@ impl ExplorerApp {
                             self.state.recent_models.retain(|r| r != &spec);
                             self.state.recent_models.insert(0, spec);
                             self.state.recent_models.truncate(8);
-                            let world_sized = s.image_size == 64;
                             self.model = Some(s);
                             if !self.state.images.is_empty() {
                                 self.score();
                                 self.tab = Tab::Images;
                             }
-                            if world_sized {
-                                self.pending_world = Some(self.worker.send(Request::ScoreWorld { per_class: 4 }));
-                            }
+                            self.explore();
                         }
                         Err(e) => {
                             self.model = None;
                             self.notifications.push(e);
                         }
-                    }
-                }
-                Event::WorldScored { id, class_names, result } => {
-                    if Some(id) != self.pending_world {
-                        continue;
-                    }
-                    self.pending_world = None;
-                    self.busy = None;
-                    match result {
-                        Ok(items) => self.world.set(&self.ctx, class_names, items),
-                        Err(e) => self.notifications.push(e),
                     }
                 }
                 Event::Scored { id, texts, results } => {
@@ -166,12 +321,12 @@ impl ExplorerApp {
             ui.heading("TextRefiner Explorer");
             ui.separator();
             ui.label("Model:");
-            let edit = ui.add(egui::TextEdit::singleline(&mut self.state.model_spec).desired_width(360.0).hint_text("folder, weights file or hub id"));
+            let edit = ui.add(egui::TextEdit::singleline(&mut self.state.model_spec).desired_width(240.0).hint_text("folder, weights file or hub id"));
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if ui.button("Load").clicked() || enter {
                 self.load_model(self.state.model_spec.clone());
             }
-            if ui.button("Browse…").clicked() {
+            if ui.button("Folder…").clicked() {
                 if let Some(dir) = rfd::FileDialog::new().pick_folder() {
                     self.load_model(dir.display().to_string());
                 }
@@ -185,11 +340,58 @@ impl ExplorerApp {
                     }
                 });
             }
+            ui.separator();
+            ui.label("Data:");
+            let edit = ui.add(egui::TextEdit::singleline(&mut self.state.data).desired_width(160.0).hint_text("world or a dataset folder"));
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            if ui.button("Open").clicked() || enter {
+                self.open_data(self.state.data.clone());
+            }
+            if ui.button("Dataset…").clicked() {
+                if let Some(dir) = rfd::FileDialog::new().pick_folder() {
+                    self.open_data(dir.display().to_string());
+                }
+            }
+            if !self.state.recent_data.is_empty() {
+                egui::ComboBox::from_id_salt("recent-data").selected_text("Recent").show_ui(ui, |ui| {
+                    for r in self.state.recent_data.clone() {
+                        if ui.selectable_label(false, &r).clicked() {
+                            self.open_data(r);
+                        }
+                    }
+                });
+            }
+            ui.separator();
+            if ui.add_enabled(self.explore.is_some(), egui::Button::new("Add checkpoint…")).on_hover_text("ours (.json) or a reference run folder (prompt_learner/ + Memory/)").clicked() {
+                if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                    self.add_checkpoint(p);
+                }
+            }
+            ui.menu_button("Export", |ui| {
+                if ui.button("Metrics as CSV…").clicked() {
+                    if let Some(p) = rfd::FileDialog::new().set_file_name("metrics.csv").save_file() {
+                        self.export_csv(&p, true);
+                    }
+                    ui.close();
+                }
+                if ui.button("Per-image results as CSV…").clicked() {
+                    if let Some(p) = rfd::FileDialog::new().set_file_name("images.csv").save_file() {
+                        self.export_csv(&p, false);
+                    }
+                    ui.close();
+                }
+                if ui.button("Window as PNG…").clicked() {
+                    if let Some(p) = rfd::FileDialog::new().set_file_name("explorer.png").save_file() {
+                        self.request_screenshot(ui.ctx(), p);
+                    }
+                    ui.close();
+                }
+            });
         });
         ui.horizontal(|ui| {
             match &self.model {
                 Some(m) => ui.label(format!(
-                    "{}: ViT {} px / patch {}, {} + {} layers, {}-d embeddings",
+                    "{}: ViT {} px / patch {}, {} + {} layers, {}-d",
                     m.source, m.image_size, m.patch_size, m.vision_layers, m.text_layers, m.embedding_dim
                 )),
                 None => ui.weak("no model loaded"),
@@ -199,9 +401,57 @@ impl ExplorerApp {
                 ui.spinner();
                 ui.label(b);
             }
+            if let Some((msg, f)) = &self.progress {
+                ui.separator();
+                ui.spinner();
+                ui.add(egui::ProgressBar::new(*f).desired_width(160.0).show_percentage());
+                ui.label(msg);
+            }
+            if let Some(j) = self.job.as_ref().filter(|j| j.running) {
+                ui.separator();
+                ui.label(format!("fine-tune: {}", j.status));
+            }
+            if let Some(ft) = self.frame_time_ms() {
+                ui.separator();
+                ui.weak(format!("frame {ft:.1} ms"));
+            }
         });
     }
 
+    /// Median of the recent frame times in milliseconds.
+    pub fn frame_time_ms(&self) -> Option<f32> {
+        if self.frame_times.len() < 5 {
+            return None;
+        }
+        let mut v: Vec<f32> = self.frame_times.iter().copied().collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(1000.0 * v[v.len() / 2])
+    }
+
+    /// Write metrics (one row per method) or per-image results (both compared methods) as CSV.
+    pub fn export_csv(&mut self, path: &std::path::Path, metrics: bool) {
+        let Some(e) = &self.explore else { return };
+        let text = if metrics { metrics_csv(e) } else { images_csv(e, self.compare) };
+        if let Err(err) = crate::util::write_atomic(path, text.as_bytes()) {
+            self.notifications.push(err.to_string());
+        }
+    }
+
+    fn request_screenshot(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let errors = self.async_errors.clone();
+        let waker = ctx.clone();
+        ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::ScreenshotCallback::new(move |img| {
+            if let Err(e) = save_png(&img, &path) {
+                if let Ok(mut v) = errors.lock() {
+                    v.push(format!("{}: {e}", path.display()));
+                }
+                waker.request_repaint();
+            }
+        })));
+    }
+}
+
+impl ExplorerApp {
     fn notifications_ui(&mut self, ui: &mut egui::Ui) {
         let mut dismiss = None;
         for (i, n) in self.notifications.iter().enumerate() {
@@ -220,6 +470,7 @@ impl ExplorerApp {
 
 impl eframe::App for ExplorerApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let t0 = std::time::Instant::now();
         self.drain_events();
         let dropped: Vec<PathBuf> = ui.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
         if !dropped.is_empty() {
@@ -229,32 +480,110 @@ impl eframe::App for ExplorerApp {
             self.top_bar_ui(ui);
             self.notifications_ui(ui);
             ui.horizontal(|ui| {
-                ui.selectable_value(&mut self.tab, Tab::World, "Demo world");
+                ui.selectable_value(&mut self.tab, Tab::Compare, "Compare");
+                ui.selectable_value(&mut self.tab, Tab::Metrics, "Metrics");
+                ui.selectable_value(&mut self.tab, Tab::Cache, "Cache");
+                ui.selectable_value(&mut self.tab, Tab::Finetune, "Fine-tune");
                 ui.selectable_value(&mut self.tab, Tab::Images, "Your images");
             });
         });
         match self.tab {
-            Tab::World => {
-                egui::CentralPanel::default().show(ui, |ui| self.world_ui(ui));
+            Tab::Compare => {
+                egui::CentralPanel::default().show(ui, |ui| self.gallery_ui(ui));
+            }
+            Tab::Metrics => {
+                egui::CentralPanel::default().show(ui, |ui| self.metrics_ui(ui));
+            }
+            Tab::Cache => {
+                egui::CentralPanel::default().show(ui, |ui| egui::ScrollArea::vertical().show(ui, |ui| self.cache_ui(ui)));
+            }
+            Tab::Finetune => {
+                egui::CentralPanel::default().show(ui, |ui| self.finetune_ui(ui));
             }
             Tab::Images => {
                 egui::Panel::left("images").resizable(true).default_size(260.0).show(ui, |ui| self.images_ui(ui));
                 egui::CentralPanel::default().show(ui, |ui| self.results_ui(ui));
             }
         }
+        self.frame_times.push_back(t0.elapsed().as_secs_f32());
+        if self.frame_times.len() > 60 {
+            self.frame_times.pop_front();
+        }
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        self.state.heat = self.heat.clone();
         eframe::set_value(storage, STORAGE_KEY, &self.state);
     }
+}
+
+/// Save an egui screenshot as PNG (atomically).
+pub fn save_png(img: &egui::ColorImage, path: &std::path::Path) -> Result<(), String> {
+    let [w, h] = img.size;
+    let rgba: Vec<u8> = img.pixels.iter().flat_map(|c| c.to_array()).collect();
+    let im = image::RgbaImage::from_raw(w as u32, h as u32, rgba).ok_or_else(|| "screenshot has the wrong size".to_string())?;
+    let mut bytes = Vec::new();
+    im.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map_err(|e| e.to_string())?;
+    crate::util::write_atomic(path, &bytes).map_err(|e| e.to_string())
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// One row per method: base, new, HM accuracy (in %).
+pub fn metrics_csv(e: &Exploration) -> String {
+    let mut out = String::from("method,base,new,hm\n");
+    for (m, meth) in e.methods.iter().enumerate() {
+        let (b, n) = (e.accuracy(m, Subset::Base), e.accuracy(m, Subset::New));
+        out += &format!("{},{:.2},{:.2},{:.2}\n", csv_field(&meth.name), 100.0 * b, 100.0 * n, 100.0 * crate::train::harmonic_mean(b, n));
+    }
+    out
+}
+
+/// One row per test image: true class, both methods' predictions, flip and margin change.
+pub fn images_csv(e: &Exploration, (a, b): (usize, usize)) -> String {
+    let mut out = format!("image,subset,label,{},{},flip,margin_change\n", csv_field(&e.methods[a].name), csv_field(&e.methods[b].name));
+    for (i, im) in e.images.iter().enumerate() {
+        let names = e.names(im.subset);
+        let (f, dm) = e.flip(a, b, i);
+        out += &format!(
+            "{},{},{},{},{},{},{:.4}\n",
+            csv_field(&im.name),
+            if im.subset == Subset::New { "new" } else { "base" },
+            csv_field(&names[im.label as usize]),
+            csv_field(&names[e.predict(a, i) as usize]),
+            csv_field(&names[e.predict(b, i) as usize]),
+            f.label(),
+            dm
+        );
+    }
+    out
 }
 
 impl ExplorerApp {
     fn add_dropped(&mut self, paths: Vec<PathBuf>) {
         let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| p.is_dir());
-        // A dropped folder with a config.json or weights is a model; files are images.
+        // A dropped folder with a config.json or weights is a model, another folder a dataset,
+        // files are images.
         if let Some(d) = dirs.first() {
-            self.load_model(d.display().to_string());
+            let is_model = std::fs::read_dir(d)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok()).any(|e| {
+                        let n = e.file_name().to_string_lossy().to_lowercase();
+                        n == "config.json" || n.ends_with(".safetensors") || n.ends_with(".bin") || n.ends_with(".pt")
+                    })
+                })
+                .unwrap_or(false);
+            if is_model {
+                self.load_model(d.display().to_string());
+            } else {
+                self.open_data(d.display().to_string());
+            }
         }
         if !files.is_empty() {
             self.state.images.extend(files);
@@ -288,7 +617,7 @@ pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
             if !start.images.is_empty() {
                 state.images = start.images;
             }
-            Ok(Box::new(ExplorerApp::with_state(cc.egui_ctx.clone(), state)?))
+            Ok(Box::new(ExplorerApp::new(cc, Some(state))?))
         }),
     )
         .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
