@@ -27,6 +27,9 @@ pub struct CheckpointMeta {
     pub epochs_done: usize,
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// SHA-256 of the tensors file written with this description (they must belong together).
+    #[serde(default)]
+    pub tensors_sha256: Option<String>,
 }
 
 const FORMAT: &str = "textrefiner-explorer/1";
@@ -62,10 +65,13 @@ pub fn save(stem: &Path, clip: &Clip, trained: &Trained, metrics: serde_json::Va
         config: trained.config.clone(),
         epochs_done: trained.epochs_done,
         metrics,
+        tensors_sha256: None,
     };
-    crate::util::save_safetensors_atomic(&st, &ts)?;
+    let tensors = crate::util::safetensors_bytes(&st, &ts)?;
+    let meta = CheckpointMeta { tensors_sha256: Some(sha256_hex(&tensors)), ..meta };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::util::write_atomic(&js, &json)?;
+    // both files are written before either replaces its previous version
+    crate::util::write_atomic_all(&[(&st, &tensors), (&js, &json)])?;
     Ok(())
 }
 
@@ -80,7 +86,18 @@ pub fn load(stem: &Path, clip: &Clip, device: &Device) -> Result<(Trained, Check
         return Err(Error::weights(&js, format!("unknown checkpoint format {:?}", meta.format)));
     }
     let ts = crate::clip::weights::read_tensors(&st)?;
+    if let Some(want) = &meta.tensors_sha256 {
+        let bytes = std::fs::read(&st).map_err(|e| Error::io(&st, e))?;
+        if &sha256_hex(&bytes) != want {
+            return Err(Error::weights(&st, format!("does not belong to {} (its content changed since that description was written)", js.display())));
+        }
+    }
     from_tensors(&ts, meta.class_names.clone(), meta.config.clone(), meta.epochs_done, clip, device, &st).map(|t| (t, meta))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    crate::data::dataset::hex(&sha2::Sha256::digest(bytes))
 }
 
 fn shape_err(path: &Path, what: &str, got: &[usize], want: &str, clip: &Clip) -> Error {

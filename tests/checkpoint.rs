@@ -60,13 +60,28 @@ fn corrupt_checkpoint_and_failed_write() {
     checkpoint::save(&stem, &clip, &t, serde_json::Value::Null).unwrap();
     let before = std::fs::read(stem.with_extension("safetensors")).unwrap();
 
-    // A write that fails half way (the target's folder is read-only for the temp file: make
-    // the temp path a directory so creating it fails) leaves the previous files intact.
-    let blocker = dir.path().join(format!(".good.safetensors.tmp{}", std::process::id()));
-    std::fs::create_dir_all(blocker.join("x")).unwrap();
-    assert!(checkpoint::save(&stem, &clip, &t, serde_json::Value::Null).is_err());
-    assert_eq!(std::fs::read(stem.with_extension("safetensors")).unwrap(), before, "previous checkpoint survives");
-    assert!(checkpoint::load(&stem, &clip, &Device::Cpu).is_ok());
+    // A write that fails half way (injected: half of the file written, then an error), of the
+    // tensors or of the description, leaves the previous pair intact and loadable.
+    let json_before = std::fs::read(stem.with_extension("json")).unwrap();
+    for failing in ["safetensors", "json"] {
+        textrefiner_explorer::util::inject_write_failure(&stem.with_extension(failing));
+        let err = checkpoint::save(&stem, &clip, &t, serde_json::json!({"second": true})).unwrap_err().to_string();
+        assert!(err.contains(&format!("good.{failing}")) && err.contains("half way"), "{err}");
+        assert_eq!(std::fs::read(stem.with_extension("safetensors")).unwrap(), before, "previous tensors survive");
+        assert_eq!(std::fs::read(stem.with_extension("json")).unwrap(), json_before, "previous description survives");
+        assert!(checkpoint::load(&stem, &clip, &Device::Cpu).is_ok());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+        assert!(leftovers.is_empty(), "temporary files are removed");
+    }
+    // a tensors file that does not belong to its description is refused
+    let other = dir.path().join("other");
+    checkpoint::save(&other, &clip, &t, serde_json::json!({"other": 1})).unwrap();
+    let mut ts = candle_core::safetensors::load(stem.with_extension("safetensors"), &Device::Cpu).unwrap();
+    let ctx = (ts["ctx"].clone() + 1.0).unwrap();
+    ts.insert("ctx".into(), ctx);
+    textrefiner_explorer::util::save_safetensors_atomic(&other.with_extension("safetensors"), &ts).unwrap();
+    let err = checkpoint::load(&other, &clip, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("other.safetensors") && err.contains("does not belong"), "{err}");
 
     let bad = dir.path().join("bad");
     std::fs::copy(stem.with_extension("json"), bad.with_extension("json")).unwrap();

@@ -73,15 +73,17 @@ impl ExplorerApp {
                 let cell = ((ui.available_width() - 10.0) / m as f32).clamp(4.0, 18.0);
                 ui.weak(if s == Subset::Base { "base classes" } else { "new classes" });
                 let (rect, resp) = ui.allocate_exact_size(egui::vec2(cell * m as f32, cell * c as f32), egui::Sense::hover());
-                let max = w.iter().cloned().fold(1e-9, f32::max);
+                let max = w.iter().cloned().fold(f32::MIN, f32::max);
+                let min = w.iter().cloned().fold(f32::MAX, f32::min);
                 let p = ui.painter_at(rect);
                 for i in 0..c {
                     for k in 0..m {
-                        let [r, g, b] = Colormap::Viridis.sample_u8(w[i * m + k] / max);
+                        let [r, g, b] = Colormap::Viridis.sample_u8((w[i * m + k] - min) / (max - min).max(1e-9));
                         let cr = egui::Rect::from_min_size(rect.min + egui::vec2(k as f32 * cell, i as f32 * cell), egui::vec2(cell, cell));
                         p.rect_filled(cr, 0.0, egui::Color32::from_rgb(r, g, b));
                     }
                 }
+                super::heatmap::legend_ui(ui, Colormap::Viridis, min, max, "read weight");
                 if let Some(pos) = resp.hover_pos() {
                     let k = ((pos.x - rect.left()) / cell) as usize;
                     let i = ((pos.y - rect.top()) / cell) as usize;

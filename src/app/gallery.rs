@@ -124,7 +124,7 @@ impl ExplorerApp {
                 Some((s, c)) => e.names(s)[c as usize].clone(),
                 None => "every class".into(),
             };
-            egui::ComboBox::from_id_salt("class-filter").selected_text(class_text).width(220.0).show_ui(ui, |ui| {
+            egui::ComboBox::new("class-filter", "class").selected_text(class_text).width(220.0).show_ui(ui, |ui| {
                 ui.selectable_value(&mut self.gallery.class, None, "every class");
                 for s in [Subset::Base, Subset::New] {
                     for (c, n) in e.names(s).iter().enumerate() {
@@ -132,7 +132,7 @@ impl ExplorerApp {
                     }
                 }
             });
-            if self.gallery.predicted.is_some() && ui.button("✕ predicted-class filter").clicked() {
+            if self.gallery.predicted.is_some() && ui.button("clear predicted-class filter").clicked() {
                 self.gallery.predicted = None;
             }
             ui.checkbox(&mut self.gallery.sort_by_margin, "sort by margin change");
@@ -254,7 +254,7 @@ impl ExplorerApp {
         ui.horizontal(|ui| {
             ui.add(egui::Slider::new(&mut self.heat.opacity, 0.0..=1.0).text("opacity"));
             ui.checkbox(&mut self.heat.smooth, "smooth");
-            egui::ComboBox::from_id_salt("colormap").selected_text(self.heat.colormap.name()).show_ui(ui, |ui| {
+            egui::ComboBox::new("colormap", "colormap").selected_text(self.heat.colormap.name()).show_ui(ui, |ui| {
                 for c in Colormap::ALL {
                     ui.selectable_value(&mut self.heat.colormap, c, c.name());
                 }
@@ -267,7 +267,7 @@ impl ExplorerApp {
             }
             HeatMode::ClassMap => {
                 let cur = self.gallery.map_class.unwrap_or(im.label) as usize;
-                egui::ComboBox::from_id_salt("map-class").selected_text(names[cur.min(names.len() - 1)].clone()).width(260.0).show_ui(ui, |ui| {
+                egui::ComboBox::new("map-class", "class").selected_text(names[cur.min(names.len() - 1)].clone()).width(260.0).show_ui(ui, |ui| {
                     for (c, n) in names.iter().enumerate() {
                         if ui.selectable_label(c == cur, n).clicked() {
                             self.gallery.map_class = Some(c as u32);
@@ -321,7 +321,7 @@ impl ExplorerApp {
         bars(ui, &format!("{} top-5", e.methods[a].name), a);
         bars(ui, &format!("{} top-5", e.methods[b].name), b);
         ui.separator();
-        ui.strong("Logit change per class (B − A)");
+        ui.strong("Logit change per class (B - A)");
         let (la, lb) = (e.logits(a, i), e.logits(b, i));
         let mut ch: Vec<(usize, f32)> = la.iter().zip(&lb).map(|(x, y)| y - x).enumerate().collect();
         ch.sort_by(|x, y| y.1.abs().total_cmp(&x.1.abs()));

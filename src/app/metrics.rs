@@ -23,8 +23,8 @@ impl ExplorerApp {
             ui.strong("base");
             ui.strong("new");
             ui.strong("HM");
-            ui.strong("A");
-            ui.strong("B");
+            ui.strong("compare as A");
+            ui.strong("compare as B");
             ui.end_row();
             for (m, meth) in e.methods.iter().enumerate() {
                 let (b, n) = (e.accuracy(m, Subset::Base), e.accuracy(m, Subset::New));
@@ -32,10 +32,10 @@ impl ExplorerApp {
                 ui.label(format!("{:.1}", 100.0 * b));
                 ui.label(format!("{:.1}", 100.0 * n));
                 ui.label(format!("{:.1}", 100.0 * harmonic_mean(b, n)));
-                if ui.radio(self.compare.0 == m, "").clicked() {
+                if ui.radio(self.compare.0 == m, "A").clicked() {
                     set_a = Some(m);
                 }
-                if ui.radio(self.compare.1 == m, "").clicked() {
+                if ui.radio(self.compare.1 == m, "B").clicked() {
                     set_b = Some(m);
                 }
                 ui.end_row();

@@ -98,6 +98,8 @@ pub struct ExplorerApp {
     pub progress: Option<(String, f32)>,
     /// Recent frame times (seconds), for the status line and the benchmark.
     pub frame_times: std::collections::VecDeque<f32>,
+    /// Show the frame time in the status line (off in snapshot tests: it varies).
+    pub show_frame_time: bool,
     atlas_clicked: Option<usize>,
     /// Errors reported from callbacks (screenshots), shown as notifications.
     async_errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -154,6 +156,7 @@ impl ExplorerApp {
             gpu_heatmaps: false,
             progress: None,
             frame_times: Default::default(),
+            show_frame_time: true,
             atlas_clicked: None,
             async_errors: Default::default(),
             pending_load: None,
@@ -332,10 +335,11 @@ impl ExplorerApp {
                 }
             }
             if !self.state.recent_models.is_empty() {
-                egui::ComboBox::from_id_salt("recent").selected_text("Recent").show_ui(ui, |ui| {
+                ui.menu_button("Recent", |ui| {
                     for r in self.state.recent_models.clone() {
-                        if ui.selectable_label(false, &r).clicked() {
+                        if ui.button(&r).clicked() {
                             self.load_model(r);
+                            ui.close();
                         }
                     }
                 });
@@ -353,10 +357,11 @@ impl ExplorerApp {
                 }
             }
             if !self.state.recent_data.is_empty() {
-                egui::ComboBox::from_id_salt("recent-data").selected_text("Recent").show_ui(ui, |ui| {
+                ui.menu_button("Recent data", |ui| {
                     for r in self.state.recent_data.clone() {
-                        if ui.selectable_label(false, &r).clicked() {
+                        if ui.button(&r).clicked() {
                             self.open_data(r);
+                            ui.close();
                         }
                     }
                 });
@@ -411,7 +416,7 @@ impl ExplorerApp {
                 ui.separator();
                 ui.label(format!("fine-tune: {}", j.status));
             }
-            if let Some(ft) = self.frame_time_ms() {
+            if let Some(ft) = self.frame_time_ms().filter(|_| self.show_frame_time) {
                 ui.separator();
                 ui.weak(format!("frame {ft:.1} ms"));
             }
@@ -456,8 +461,8 @@ impl ExplorerApp {
         let mut dismiss = None;
         for (i, n) in self.notifications.iter().enumerate() {
             ui.horizontal(|ui| {
-                ui.colored_label(egui::Color32::from_rgb(220, 90, 70), format!("⚠ {n}"));
-                if ui.small_button("✕").clicked() {
+                ui.colored_label(egui::Color32::from_rgb(220, 90, 70), format!("Error: {n}"));
+                if ui.small_button("Dismiss").clicked() {
                     dismiss = Some(i);
                 }
             });

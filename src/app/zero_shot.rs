@@ -68,7 +68,7 @@ impl ExplorerApp {
         egui::ScrollArea::vertical().show(ui, |ui| {
             for (i, p) in self.state.images.iter().enumerate() {
                 ui.horizontal(|ui| {
-                    if ui.small_button("✕").clicked() {
+                    if ui.small_button("Remove").clicked() {
                         remove = Some(i);
                     }
                     ui.label(p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
