@@ -51,16 +51,47 @@ struct Workload {
 }
 
 const WORKLOADS: &[Workload] = &[
-    Workload { name: "refiner-c10", method: Method::CoopRefiner, classes: 10, whole: false },
-    Workload { name: "refiner-c100", method: Method::CoopRefiner, classes: 100, whole: false },
-    Workload { name: "coop-c10", method: Method::Coop, classes: 10, whole: false },
-    Workload { name: "coop-c100", method: Method::Coop, classes: 100, whole: false },
-    Workload { name: "whole-c10", method: Method::CoopRefiner, classes: 10, whole: true },
+    Workload {
+        name: "refiner-c10",
+        method: Method::CoopRefiner,
+        classes: 10,
+        whole: false,
+    },
+    Workload {
+        name: "refiner-c100",
+        method: Method::CoopRefiner,
+        classes: 100,
+        whole: false,
+    },
+    Workload {
+        name: "coop-c10",
+        method: Method::Coop,
+        classes: 10,
+        whole: false,
+    },
+    Workload {
+        name: "coop-c100",
+        method: Method::Coop,
+        classes: 100,
+        whole: false,
+    },
+    Workload {
+        name: "whole-c10",
+        method: Method::CoopRefiner,
+        classes: 10,
+        whole: true,
+    },
 ];
 
 fn class_names(c: usize) -> Vec<String> {
     const NAMES: &str = include_str!("../scripts/bench_classnames.txt");
-    NAMES.lines().map(str::trim).filter(|l| !l.is_empty()).take(c).map(String::from).collect()
+    NAMES
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take(c)
+        .map(String::from)
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -76,16 +107,35 @@ fn python(python: &str, w: &Workload, reps: usize, ids_file: &Path) -> Result<(V
     };
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args(["--kind", if w.whole { "reference" } else { "step" }, "--method", method, "--reps", &reps.to_string()])
+        .args([
+            "--kind",
+            if w.whole { "reference" } else { "step" },
+            "--method",
+            method,
+            "--reps",
+            &reps.to_string(),
+        ])
         .arg("--ids")
         .arg(ids_file)
         .output()
         .with_context(|| format!("cannot run {python} {}", script.display()))?;
     if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed"));
+        bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("reference output is not JSON")?;
-    let times = v["times"].as_array().context("no times")?.iter().filter_map(|t| t.as_f64()).collect();
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("reference output is not JSON")?;
+    let times = v["times"]
+        .as_array()
+        .context("no times")?
+        .iter()
+        .filter_map(|t| t.as_f64())
+        .collect();
     Ok((times, v["seq_len"].as_u64().unwrap_or(0)))
 }
 
@@ -93,9 +143,16 @@ fn python(python: &str, w: &Workload, reps: usize, ids_file: &Path) -> Result<(V
 fn random_batch(batch: usize, classes: usize, d: usize, device: &Device) -> Result<Features> {
     let image = crate::clip::l2_normalize(&Tensor::randn(0f32, 1.0, (batch, d), device)?)?;
     let tokens = Tensor::randn(0f32, 1.0, (batch, 197, d), device)?;
-    let cls_attn = candle_nn::ops::softmax_last_dim(&Tensor::randn(0f32, 1.0, (batch, 196), device)?)?;
+    let cls_attn =
+        candle_nn::ops::softmax_last_dim(&Tensor::randn(0f32, 1.0, (batch, 196), device)?)?;
     let labels = (0..batch).map(|i| ((i * 7) % classes) as u32).collect();
-    Ok(Features { image, tokens, cls_attn, labels, views: 1 })
+    Ok(Features {
+        image,
+        tokens,
+        cls_attn,
+        labels,
+        views: 1,
+    })
 }
 
 pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
@@ -108,9 +165,15 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let clip: Clip = random_clip(&cfg, 0, &device)?;
     let tok = ClipTokenizer::new();
     let mut lines = Vec::new();
-    for w in WORKLOADS.iter().filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name)) {
+    for w in WORKLOADS
+        .iter()
+        .filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name))
+    {
         let names = class_names(w.classes);
-        let tcfg = TrainConfig { method: w.method, ..Default::default() };
+        let tcfg = TrainConfig {
+            method: w.method,
+            ..Default::default()
+        };
         let mut state = TrainState::new(&clip, &names, &tcfg)?;
         let seq_len = state.learner.eot.iter().max().copied().unwrap_or(0) + 1;
         // the same prompt ids for PyTorch
@@ -119,12 +182,18 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
             .iter()
             .map(|c| {
                 let mut v = tok.tokenize(&format!("{placeholder} {c}."), 77);
-                let e = v.iter().position(|&t| t == crate::clip::tokenizer::EOT).unwrap_or(v.len() - 1);
+                let e = v
+                    .iter()
+                    .position(|&t| t == crate::clip::tokenizer::EOT)
+                    .unwrap_or(v.len() - 1);
                 v.truncate(e + 1);
                 v
             })
             .collect();
-        let ids_file = std::env::temp_dir().join(format!("textrefiner-bench-train-{}.json", std::process::id()));
+        let ids_file = std::env::temp_dir().join(format!(
+            "textrefiner-bench-train-{}.json",
+            std::process::id()
+        ));
         std::fs::write(&ids_file, serde_json::to_string(&ids)?)?;
         let reference = if a.no_reference {
             None
@@ -154,7 +223,12 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
             let report = crate::clip::profile::report();
             println!("{} profile (candle, {} steps):", w.name, a.reps);
             for (stage, secs, calls) in report {
-                println!("  {stage:<32} {:>8.3} s/step {:>5.1}%  ({} calls/step)", secs / a.reps as f64, 100.0 * secs / a.reps as f64 / ours, calls / a.reps as u64);
+                println!(
+                    "  {stage:<32} {:>8.3} s/step {:>5.1}%  ({} calls/step)",
+                    secs / a.reps as f64,
+                    100.0 * secs / a.reps as f64 / ours,
+                    calls / a.reps as u64
+                );
             }
         }
         match reference {
@@ -164,7 +238,10 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<()> {
                 lines.push(format!("{}: {:.2}x vs PyTorch", w.name, theirs / ours));
             }
             _ => {
-                println!("{:<14} candle {:>7.3} s ({seq_len} tokens)   PyTorch n/a", w.name, ours);
+                println!(
+                    "{:<14} candle {:>7.3} s ({seq_len} tokens)   PyTorch n/a",
+                    w.name, ours
+                );
                 lines.push(format!("{}: n/a (no PyTorch reference)", w.name));
             }
         }

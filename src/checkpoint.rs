@@ -35,7 +35,10 @@ pub struct CheckpointMeta {
 const FORMAT: &str = "textrefiner-explorer/1";
 
 fn paths(stem: &Path) -> (PathBuf, PathBuf) {
-    (stem.with_extension("safetensors"), stem.with_extension("json"))
+    (
+        stem.with_extension("safetensors"),
+        stem.with_extension("json"),
+    )
 }
 
 /// Save `trained` at `stem` (`stem.safetensors` + `stem.json`).
@@ -50,7 +53,14 @@ pub fn save(stem: &Path, clip: &Clip, trained: &Trained, metrics: serde_json::Va
         ts.insert("cache".into(), r.cache.memory.clone());
         ts.insert("extractor".into(), r.extractor.as_tensor().detach());
         let t = &r.transform;
-        for (k, v) in [("w1", &t.w1), ("b1", &t.b1), ("bn_w", &t.bn_w), ("bn_b", &t.bn_b), ("w2", &t.w2), ("b2", &t.b2)] {
+        for (k, v) in [
+            ("w1", &t.w1),
+            ("b1", &t.b1),
+            ("bn_w", &t.bn_w),
+            ("bn_b", &t.bn_b),
+            ("w2", &t.w2),
+            ("b2", &t.b2),
+        ] {
             ts.insert(format!("local.{k}"), v.as_tensor().detach());
         }
         ts.insert("local.running_mean".into(), t.running_mean.clone());
@@ -68,7 +78,10 @@ pub fn save(stem: &Path, clip: &Clip, trained: &Trained, metrics: serde_json::Va
         tensors_sha256: None,
     };
     let tensors = crate::util::safetensors_bytes(&st, &ts)?;
-    let meta = CheckpointMeta { tensors_sha256: Some(sha256_hex(&tensors)), ..meta };
+    let meta = CheckpointMeta {
+        tensors_sha256: Some(sha256_hex(&tensors)),
+        ..meta
+    };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Invalid(e.to_string()))?;
     // both files are written before either replaces its previous version
     crate::util::write_atomic_all(&[(&st, &tensors), (&js, &json)])?;
@@ -80,10 +93,13 @@ pub fn save(stem: &Path, clip: &Clip, trained: &Trained, metrics: serde_json::Va
 pub fn load(stem: &Path, clip: &Clip, device: &Device) -> Result<(Trained, CheckpointMeta)> {
     let (st, js) = paths(stem);
     let text = std::fs::read_to_string(&js).map_err(|e| Error::io(&js, e))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(&text).map_err(|e| Error::weights(&js, format!("not a checkpoint description: {e}")))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text)
+        .map_err(|e| Error::weights(&js, format!("not a checkpoint description: {e}")))?;
     if meta.format != FORMAT {
-        return Err(Error::weights(&js, format!("unknown checkpoint format {:?}", meta.format)));
+        return Err(Error::weights(
+            &js,
+            format!("unknown checkpoint format {:?}", meta.format),
+        ));
     }
     let ts = crate::clip::weights::read_tensors(&st)?;
     if let Some(want) = &meta.tensors_sha256 {
@@ -92,7 +108,16 @@ pub fn load(stem: &Path, clip: &Clip, device: &Device) -> Result<(Trained, Check
             return Err(Error::weights(&st, format!("does not belong to {} (its content changed since that description was written)", js.display())));
         }
     }
-    from_tensors(&ts, meta.class_names.clone(), meta.config.clone(), meta.epochs_done, clip, device, &st).map(|t| (t, meta))
+    from_tensors(
+        &ts,
+        meta.class_names.clone(),
+        meta.config.clone(),
+        meta.epochs_done,
+        clip,
+        device,
+        &st,
+    )
+    .map(|t| (t, meta))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -130,24 +155,54 @@ pub fn from_tensors(
     let ctx = get("ctx")?;
     let cdims = ctx.dims().to_vec();
     if cdims.last() != Some(&w) || !(cdims.len() == 2 || cdims.len() == 3) {
-        return Err(shape_err(path, "ctx", &cdims, &format!("[n_ctx, {w}] or [C, n_ctx, {w}]"), clip));
+        return Err(shape_err(
+            path,
+            "ctx",
+            &cdims,
+            &format!("[n_ctx, {w}] or [C, n_ctx, {w}]"),
+            clip,
+        ));
     }
     if cdims.len() == 3 && cdims[0] != class_names.len() {
-        return Err(Error::weights(path, format!("class-specific ctx for {} classes but {} class names", cdims[0], class_names.len())));
+        return Err(Error::weights(
+            path,
+            format!(
+                "class-specific ctx for {} classes but {} class names",
+                cdims[0],
+                class_names.len()
+            ),
+        ));
     }
     let n_ctx = cdims[cdims.len() - 2];
     let tok = ClipTokenizer::new();
-    let opts = CoopOptions { n_ctx, init: None, class_specific: cdims.len() == 3, ..config.coop.clone() };
+    let opts = CoopOptions {
+        n_ctx,
+        init: None,
+        class_specific: cdims.len() == 3,
+        ..config.coop.clone()
+    };
     let mut learner = PromptLearner::new(clip, &tok, &class_names, &opts)?;
     learner.ctx = Var::from_tensor(&ctx)?;
     let refiner = if ts.contains_key("extractor") {
         let extractor = get("extractor")?;
         if extractor.dims() != [d, 2 * d] {
-            return Err(shape_err(path, "extractor", extractor.dims(), &format!("[{d}, {}]", 2 * d), clip));
+            return Err(shape_err(
+                path,
+                "extractor",
+                extractor.dims(),
+                &format!("[{d}, {}]", 2 * d),
+                clip,
+            ));
         }
         let cache = get("cache")?;
         if cache.dims().len() != 2 || cache.dims()[1] != d {
-            return Err(shape_err(path, "cache", cache.dims(), &format!("[M, {d}]"), clip));
+            return Err(shape_err(
+                path,
+                "cache",
+                cache.dims(),
+                &format!("[M, {d}]"),
+                clip,
+            ));
         }
         let v = |k: &str, shape: &[usize]| -> Result<Var> {
             let t = get(k)?;
@@ -175,7 +230,12 @@ pub fn from_tensors(
     } else {
         None
     };
-    Ok(Trained { learner, refiner, config, epochs_done })
+    Ok(Trained {
+        learner,
+        refiner,
+        config,
+        epochs_done,
+    })
 }
 
 /// Files of a reference PyTorch run (DATA.md): `prompt_learner/` and, for TextRefiner,
@@ -199,7 +259,11 @@ fn newest_in(dir: &Path) -> Result<Option<PathBuf>> {
     let mut found: Option<(u64, PathBuf)> = None;
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let p = e.map_err(|e| Error::io(dir, e))?.path();
-        let epoch = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("model.pth.tar-")).and_then(|n| n.parse::<u64>().ok());
+        let epoch = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("model.pth.tar-"))
+            .and_then(|n| n.parse::<u64>().ok());
         if let Some(ep) = epoch {
             if found.as_ref().map(|(b, _)| ep > *b).unwrap_or(true) {
                 found = Some((ep, p));
@@ -214,14 +278,30 @@ impl ReferenceFiles {
     /// prompt-learner checkpoint file (the Memory file is looked up beside it).
     pub fn locate(path: &Path) -> Result<Self> {
         let (pl, run) = if path.is_file() {
-            let run = path.parent().and_then(|p| p.parent()).map(Path::to_path_buf);
+            let run = path
+                .parent()
+                .and_then(|p| p.parent())
+                .map(Path::to_path_buf);
             (path.to_path_buf(), run)
         } else if path.join("prompt_learner").is_dir() {
-            let pl = newest_in(&path.join("prompt_learner"))?
-                .ok_or_else(|| Error::weights(path.join("prompt_learner"), "no model-best.pth.tar or model.pth.tar-<epoch> in this folder"))?;
+            let pl = newest_in(&path.join("prompt_learner"))?.ok_or_else(|| {
+                Error::weights(
+                    path.join("prompt_learner"),
+                    "no model-best.pth.tar or model.pth.tar-<epoch> in this folder",
+                )
+            })?;
             (pl, Some(path.to_path_buf()))
-        } else if path.file_name().map(|n| n == "prompt_learner").unwrap_or(false) {
-            let pl = newest_in(path)?.ok_or_else(|| Error::weights(path, "no model-best.pth.tar or model.pth.tar-<epoch> in this folder"))?;
+        } else if path
+            .file_name()
+            .map(|n| n == "prompt_learner")
+            .unwrap_or(false)
+        {
+            let pl = newest_in(path)?.ok_or_else(|| {
+                Error::weights(
+                    path,
+                    "no model-best.pth.tar or model.pth.tar-<epoch> in this folder",
+                )
+            })?;
             (pl, path.parent().map(Path::to_path_buf))
         } else {
             return Err(Error::weights(
@@ -241,12 +321,19 @@ impl ReferenceFiles {
             }
             None => None,
         };
-        Ok(Self { prompt_learner: pl, memory })
+        Ok(Self {
+            prompt_learner: pl,
+            memory,
+        })
     }
 }
 
 fn find_suffix<'a>(ts: &'a HashMap<String, Tensor>, suffix: &str) -> Option<&'a Tensor> {
-    ts.get(suffix).or_else(|| ts.iter().find(|(k, _)| k.ends_with(&format!(".{suffix}"))).map(|(_, v)| v))
+    ts.get(suffix).or_else(|| {
+        ts.iter()
+            .find(|(k, _)| k.ends_with(&format!(".{suffix}")))
+            .map(|(_, v)| v)
+    })
 }
 
 fn read_pth(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
@@ -261,7 +348,12 @@ fn read_pth(path: &Path, key: Option<&str>) -> Result<HashMap<String, Tensor>> {
 /// convolution weights `[d, d, 1, 1]`); the cache at `memory_item` (fp16) and the extractor
 /// at `extractor.weight` in the Memory file. Frozen CLIP weights and token buffers are ignored,
 /// except `token_prefix` whose first dimension tells how many classes the run had.
-pub fn import_reference(path: &Path, clip: &Clip, class_names: Vec<String>, device: &Device) -> Result<Trained> {
+pub fn import_reference(
+    path: &Path,
+    clip: &Clip,
+    class_names: Vec<String>,
+    device: &Device,
+) -> Result<Trained> {
     let files = ReferenceFiles::locate(path)?;
     let pl_path = &files.prompt_learner;
     let sd = read_pth(pl_path, Some("state_dict"))?;
@@ -279,19 +371,37 @@ pub fn import_reference(path: &Path, clip: &Clip, class_names: Vec<String>, devi
     let mut ts: HashMap<String, Tensor> = HashMap::new();
     ts.insert("ctx".into(), ctx.clone());
     let d = clip.config.projection_dim;
-    let mut config = TrainConfig { method: crate::train::Method::Coop, ..TrainConfig::default() };
+    let mut config = TrainConfig {
+        method: crate::train::Method::Coop,
+        ..TrainConfig::default()
+    };
     if let Some(mem_path) = &files.memory {
         let top = read_pth(mem_path, None)?;
         let msd = read_pth(mem_path, Some("state_dict")).unwrap_or_default();
-        let cache = top.get("memory_item").ok_or_else(|| Error::weights(mem_path, "no memory_item (the local cache) in this Memory checkpoint"))?;
-        let extractor = find_suffix(&msd, "extractor.weight").ok_or_else(|| Error::weights(mem_path, "no extractor.weight in the state_dict"))?;
+        let cache = top.get("memory_item").ok_or_else(|| {
+            Error::weights(
+                mem_path,
+                "no memory_item (the local cache) in this Memory checkpoint",
+            )
+        })?;
+        let extractor = find_suffix(&msd, "extractor.weight")
+            .ok_or_else(|| Error::weights(mem_path, "no extractor.weight in the state_dict"))?;
         ts.insert("cache".into(), cache.clone());
         ts.insert("extractor".into(), extractor.clone());
         let conv = |k: &str| -> Result<Tensor> {
             let key = format!("mid_image_trans.conv1.{k}");
-            let t = find_suffix(&sd, &key).ok_or_else(|| Error::weights(pl_path, format!("no {key} (TextRefiner's local transform) in the state_dict")))?;
+            let t = find_suffix(&sd, &key).ok_or_else(|| {
+                Error::weights(
+                    pl_path,
+                    format!("no {key} (TextRefiner's local transform) in the state_dict"),
+                )
+            })?;
             // 1x1 convolution weights [out, in, 1, 1] are linear weights [out, in]
-            Ok(if t.rank() == 4 { t.flatten_from(1)? } else { t.clone() })
+            Ok(if t.rank() == 4 {
+                t.flatten_from(1)?
+            } else {
+                t.clone()
+            })
         };
         for (ours, theirs) in [
             ("w1", "0.weight"),
@@ -320,7 +430,12 @@ pub fn import_reference(path: &Path, clip: &Clip, class_names: Vec<String>, devi
 
 /// Load ours (`STEM`, `STEM.json` or `STEM.safetensors`) or import a reference run, whichever
 /// `path` is. Reference runs need the class names they were trained on.
-pub fn load_any(path: &Path, clip: &Clip, reference_classes: Option<Vec<String>>, device: &Device) -> Result<Trained> {
+pub fn load_any(
+    path: &Path,
+    clip: &Clip,
+    reference_classes: Option<Vec<String>>,
+    device: &Device,
+) -> Result<Trained> {
     let stem = match path.extension().and_then(|e| e.to_str()) {
         Some("json") | Some("safetensors") => path.with_extension(""),
         _ => path.to_path_buf(),
@@ -344,8 +459,18 @@ pub fn check_classes(trained: &Trained, expected: &[String], path: &Path) -> Res
     let detail = if got.len() != expected.len() {
         format!("it has {} classes, the data {}", got.len(), expected.len())
     } else {
-        let i = got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(0);
-        format!("class {i} is {:?} in the checkpoint but {:?} in the data", got[i], expected[i])
+        let i = got
+            .iter()
+            .zip(expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        format!(
+            "class {i} is {:?} in the checkpoint but {:?} in the data",
+            got[i], expected[i]
+        )
     };
-    Err(Error::weights(path, format!("the checkpoint was trained on other classes than these: {detail}")))
+    Err(Error::weights(
+        path,
+        format!("the checkpoint was trained on other classes than these: {detail}"),
+    ))
 }

@@ -164,8 +164,10 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     );
     let bar = indicatif::ProgressBar::new(cfg.steps as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut last_val = None;
     let tensors = pretrain(&cfg, &Device::Cpu, |p| {
@@ -187,7 +189,11 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     })?;
     bar.finish();
     save_model_folder(&a.out, &tiny_config(), &tensors)?;
-    println!("wrote {} (last validation accuracy {:.1}%)", a.out.display(), 100.0 * last_val.unwrap_or(0.0));
+    println!(
+        "wrote {} (last validation accuracy {:.1}%)",
+        a.out.display(),
+        100.0 * last_val.unwrap_or(0.0)
+    );
     Ok(())
 }
 
@@ -203,7 +209,11 @@ pub fn world_metrics(model: &Clip, per_class: u64) -> Result<serde_json::Value> 
     let new: Vec<usize> = (m..n).collect();
     let b = zero_shot_accuracy(model, &world, Split::Test, &base, per_class)?;
     let nw = zero_shot_accuracy(model, &world, Split::Test, &new, per_class)?;
-    let hm = if b + nw > 0.0 { 2.0 * b * nw / (b + nw) } else { 0.0 };
+    let hm = if b + nw > 0.0 {
+        2.0 * b * nw / (b + nw)
+    } else {
+        0.0
+    };
     // Retrieval: 4 test images per class against one held-out caption per image (captions
     // drawn with other seeds, naming the detail); a hit is a top-5 item of the same class.
     let tok = ClipTokenizer::new();
@@ -215,14 +225,23 @@ pub fn world_metrics(model: &Clip, per_class: u64) -> Result<serde_json::Value> 
     let mut labels = Vec::new();
     for c in 0..n {
         for i in 0..per {
-            pix.push(crate::clip::preprocess::normalize_chw(&world.image(Split::Test, c, 10_000 + i)));
+            pix.push(crate::clip::preprocess::normalize_chw(&world.image(
+                Split::Test,
+                c,
+                10_000 + i,
+            )));
             ids.push(tok.tokenize(&world.caption(c, &mut rng, 1.0), ctx));
             labels.push(c);
         }
     }
     let s = world.size as usize;
     let x = batch_tensor(&pix, s, model.device())?;
-    let img = l2_normalize(&model.vision.forward(&x, &VisionOptions::default())?.image_embeds)?;
+    let img = l2_normalize(
+        &model
+            .vision
+            .forward(&x, &VisionOptions::default())?
+            .image_embeds,
+    )?;
     let txt = l2_normalize(&model.text.forward_ids(&ids)?)?;
     let sim: Vec<Vec<f32>> = img.matmul(&txt.t()?)?.to_vec2()?;
     let recall = |rows: &Vec<Vec<f32>>| -> f32 {
@@ -238,7 +257,9 @@ pub fn world_metrics(model: &Clip, per_class: u64) -> Result<serde_json::Value> 
         hits as f32 / rows.len() as f32
     };
     let i2t = recall(&sim);
-    let sim_t: Vec<Vec<f32>> = (0..sim[0].len()).map(|j| sim.iter().map(|r| r[j]).collect()).collect();
+    let sim_t: Vec<Vec<f32>> = (0..sim[0].len())
+        .map(|j| sim.iter().map(|r| r[j]).collect())
+        .collect();
     let t2i = recall(&sim_t);
     Ok(serde_json::json!({
         "model": model.source,
@@ -256,10 +277,23 @@ fn eval_world(a: EvalWorldArgs) -> Result<()> {
     } else {
         let z = &v["zero_shot"];
         let pct = |x: &serde_json::Value| 100.0 * x.as_f64().unwrap_or(0.0);
-        println!("{} on the demo world ({} test images per class)", model.source, a.per_class);
-        println!("  zero-shot  base {:.1}%  new {:.1}%  HM {:.1}%  (chance {:.1}%)", pct(&z["base"]), pct(&z["new"]), pct(&z["hm"]), pct(&z["chance_base"]));
+        println!(
+            "{} on the demo world ({} test images per class)",
+            model.source, a.per_class
+        );
+        println!(
+            "  zero-shot  base {:.1}%  new {:.1}%  HM {:.1}%  (chance {:.1}%)",
+            pct(&z["base"]),
+            pct(&z["new"]),
+            pct(&z["hm"]),
+            pct(&z["chance_base"])
+        );
         let r = &v["retrieval_recall_at_5"];
-        println!("  retrieval recall@5 (class level)  image->text {:.1}%  text->image {:.1}%", pct(&r["image_to_text"]), pct(&r["text_to_image"]));
+        println!(
+            "  retrieval recall@5 (class level)  image->text {:.1}%  text->image {:.1}%",
+            pct(&r["image_to_text"]),
+            pct(&r["text_to_image"])
+        );
     }
     Ok(())
 }
@@ -276,13 +310,22 @@ fn export_world(a: ExportWorldArgs) -> Result<()> {
     let world = World::new(a.seed, a.size);
     for (c, class) in world.classes.iter().enumerate() {
         let dir = a.out.join(class.name().replace(' ', "_"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         for i in 0..a.per_class {
             let p = dir.join(format!("{i:05}.png"));
-            world.image(split, c, i).save(&p).with_context(|| format!("cannot write {}", p.display()))?;
+            world
+                .image(split, c, i)
+                .save(&p)
+                .with_context(|| format!("cannot write {}", p.display()))?;
         }
     }
-    println!("wrote {} classes x {} images to {}", world.num_classes(), a.per_class, a.out.display());
+    println!(
+        "wrote {} classes x {} images to {}",
+        world.num_classes(),
+        a.per_class,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -301,18 +344,30 @@ fn embed(a: EmbedArgs) -> Result<()> {
         None
     } else {
         let batch = batch_tensor(&pixels, size as usize, &device)?;
-        Some(l2_normalize(&model.vision.forward(&batch, &VisionOptions::default())?.image_embeds)?)
+        Some(l2_normalize(
+            &model
+                .vision
+                .forward(&batch, &VisionOptions::default())?
+                .image_embeds,
+        )?)
     };
     let tok = ClipTokenizer::new();
     let ctx = model.config.text_config.max_position_embeddings;
     let ids: Vec<Vec<u32>> = a.texts.iter().map(|t| tok.tokenize(t, ctx)).collect();
-    let txt = if ids.is_empty() { None } else { Some(l2_normalize(&model.text.forward_ids(&ids)?)?) };
+    let txt = if ids.is_empty() {
+        None
+    } else {
+        Some(l2_normalize(&model.text.forward_ids(&ids)?)?)
+    };
     let sims: Option<Vec<Vec<f32>>> = match (&img, &txt) {
         (Some(i), Some(t)) => Some(i.matmul(&t.t()?)?.to_vec2()?),
         _ => None,
     };
-    let probs: Option<Vec<Vec<f32>>> =
-        sims.as_ref().map(|s| s.iter().map(|row| crate::clip::softmax_scaled(row, model.logit_scale)).collect());
+    let probs: Option<Vec<Vec<f32>>> = sims.as_ref().map(|s| {
+        s.iter()
+            .map(|row| crate::clip::softmax_scaled(row, model.logit_scale))
+            .collect()
+    });
     let rows = |t: &Option<Tensor>| -> Result<Vec<Vec<f32>>> {
         Ok(match t {
             Some(t) => t.to_vec2()?,
@@ -358,7 +413,10 @@ fn embed(a: EmbedArgs) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("model {} (embedding dim {}, logit scale {:.2})", model.source, model.config.projection_dim, model.logit_scale);
+        println!(
+            "model {} (embedding dim {}, logit scale {:.2})",
+            model.source, model.config.projection_dim, model.logit_scale
+        );
         match (&sims, &probs) {
             (Some(s), Some(p)) => {
                 println!("cosine similarity (softmax over texts in brackets):");
@@ -371,10 +429,21 @@ fn embed(a: EmbedArgs) -> Result<()> {
             }
             _ => {
                 for (p, e) in a.images.iter().zip(&img_rows) {
-                    println!("  {}: [{:.4}, {:.4}, ... ] ({} dims)", p.display(), e[0], e[1], e.len());
+                    println!(
+                        "  {}: [{:.4}, {:.4}, ... ] ({} dims)",
+                        p.display(),
+                        e[0],
+                        e[1],
+                        e.len()
+                    );
                 }
                 for (t, e) in a.texts.iter().zip(&txt_rows) {
-                    println!("  {t:?}: [{:.4}, {:.4}, ... ] ({} dims)", e[0], e[1], e.len());
+                    println!(
+                        "  {t:?}: [{:.4}, {:.4}, ... ] ({} dims)",
+                        e[0],
+                        e[1],
+                        e.len()
+                    );
                 }
             }
         }
@@ -385,7 +454,11 @@ fn embed(a: EmbedArgs) -> Result<()> {
 /// The prompts of the text benchmark (shared with scripts/bench_reference.py).
 fn bench_prompts() -> Vec<String> {
     const NAMES: &str = include_str!("../scripts/bench_classnames.txt");
-    NAMES.lines().filter(|l| !l.trim().is_empty()).map(|c| format!("a photo of a {}.", c.trim())).collect()
+    NAMES
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|c| format!("a photo of a {}.", c.trim()))
+        .collect()
 }
 
 fn times_total(r: &[(&'static str, f64, u64)]) -> f64 {
@@ -405,28 +478,79 @@ struct Workload {
 }
 
 const WORKLOADS: &[Workload] = &[
-    Workload { name: "b32-image-1", model: "b32", kind: "image", batch: 1 },
-    Workload { name: "b32-image-32", model: "b32", kind: "image", batch: 32 },
-    Workload { name: "b16-image-1", model: "b16", kind: "image", batch: 1 },
-    Workload { name: "b16-image-32", model: "b16", kind: "image", batch: 32 },
-    Workload { name: "text-100", model: "b16", kind: "text", batch: 100 },
-    Workload { name: "text-100-kernel", model: "b16", kind: "text-kernel", batch: 100 },
+    Workload {
+        name: "b32-image-1",
+        model: "b32",
+        kind: "image",
+        batch: 1,
+    },
+    Workload {
+        name: "b32-image-32",
+        model: "b32",
+        kind: "image",
+        batch: 32,
+    },
+    Workload {
+        name: "b16-image-1",
+        model: "b16",
+        kind: "image",
+        batch: 1,
+    },
+    Workload {
+        name: "b16-image-32",
+        model: "b16",
+        kind: "image",
+        batch: 32,
+    },
+    Workload {
+        name: "text-100",
+        model: "b16",
+        kind: "text",
+        batch: 100,
+    },
+    Workload {
+        name: "text-100-kernel",
+        model: "b16",
+        kind: "text-kernel",
+        batch: 100,
+    },
 ];
 
 fn python_reference(python: &str, w: &Workload, reps: usize, ids_file: &Path) -> Result<Vec<f64>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_reference.py");
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args(["--model", w.model, "--kind", w.kind, "--batch", &w.batch.to_string(), "--reps", &reps.to_string()])
+        .args([
+            "--model",
+            w.model,
+            "--kind",
+            w.kind,
+            "--batch",
+            &w.batch.to_string(),
+            "--reps",
+            &reps.to_string(),
+        ])
         .arg("--ids")
         .arg(ids_file)
         .output()
         .with_context(|| format!("cannot run {python} {}", script.display()))?;
     if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed"));
+        bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("reference output is not JSON")?;
-    Ok(v["times"].as_array().context("no times")?.iter().filter_map(|t| t.as_f64()).collect())
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("reference output is not JSON")?;
+    Ok(v["times"]
+        .as_array()
+        .context("no times")?
+        .iter()
+        .filter_map(|t| t.as_f64())
+        .collect())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
@@ -435,10 +559,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     let tok = ClipTokenizer::new();
     let prompts = bench_prompts();
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.tokenize(p, 77)).collect();
-    let ids_file = std::env::temp_dir().join(format!("textrefiner-bench-ids-{}.json", std::process::id()));
+    let ids_file =
+        std::env::temp_dir().join(format!("textrefiner-bench-ids-{}.json", std::process::id()));
     std::fs::write(&ids_file, serde_json::to_string(&ids)?)?;
-    let selected: Vec<&Workload> =
-        WORKLOADS.iter().filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name)).collect();
+    let selected: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| a.only.is_empty() || a.only.iter().any(|o| o == w.name))
+        .collect();
     let mut lines = Vec::new();
     let mut models: std::collections::HashMap<&str, Clip> = Default::default();
     for w in selected {
@@ -473,14 +600,24 @@ fn bench(a: BenchArgs) -> Result<()> {
                     return Ok(t0.elapsed().as_secs_f64());
                 }
                 "text" => {
-                    model.text.forward_ids(&ids)?.sum_all()?.to_scalar::<f32>()?;
+                    model
+                        .text
+                        .forward_ids(&ids)?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
                 }
                 _ => {
                     // same sequence length as the reference: all prompts run at 77 tokens
-                    let emb = model.text.embed_tokens(&crate::clip::text::ids_tensor(&ids, 77, &device)?)?;
+                    let emb = model
+                        .text
+                        .embed_tokens(&crate::clip::text::ids_tensor(&ids, 77, &device)?)?;
                     let mut eot = model.text.eot_positions(&ids);
                     eot[0] = 76;
-                    model.text.forward_embeds(&emb, &eot)?.sum_all()?.to_scalar::<f32>()?;
+                    model
+                        .text
+                        .forward_embeds(&emb, &eot)?
+                        .sum_all()?
+                        .to_scalar::<f32>()?;
                 }
             }
             Ok(t0.elapsed().as_secs_f64())
@@ -498,13 +635,21 @@ fn bench(a: BenchArgs) -> Result<()> {
             let total: f64 = times_total(&crate::clip::profile::report());
             println!("{} profile (candle, {} runs):", w.name, a.reps);
             for (stage, secs, calls) in crate::clip::profile::report() {
-                println!("  {stage:<28} {:>8.3} s/run {:>5.1}%  ({} calls/run)", secs / a.reps as f64, 100.0 * secs / total, calls / a.reps as u64);
+                println!(
+                    "  {stage:<28} {:>8.3} s/run {:>5.1}%  ({} calls/run)",
+                    secs / a.reps as f64,
+                    100.0 * secs / total,
+                    calls / a.reps as u64
+                );
             }
         }
         match reference {
             Some(r) if !r.is_empty() => {
                 let theirs = median(r);
-                println!("{:<16} candle {:>8.3} s   PyTorch {:>8.3} s", w.name, ours, theirs);
+                println!(
+                    "{:<16} candle {:>8.3} s   PyTorch {:>8.3} s",
+                    w.name, ours, theirs
+                );
                 lines.push(format!("{}: {:.2}x vs PyTorch", w.name, theirs / ours));
             }
             _ => {

@@ -56,7 +56,11 @@ impl DataArgs {
         if self.no_feature_cache {
             FeatureBank::none()
         } else {
-            FeatureBank::at(self.feature_cache.clone().unwrap_or_else(FeatureBank::default_dir))
+            FeatureBank::at(
+                self.feature_cache
+                    .clone()
+                    .unwrap_or_else(FeatureBank::default_dir),
+            )
         }
     }
     fn spec(&self, epochs: usize) -> DataSpec {
@@ -64,7 +68,11 @@ impl DataArgs {
             data: self.data.clone(),
             shots: self.shots,
             seed: self.seed,
-            views: if self.fresh_augmentation { epochs.max(1) } else { self.views },
+            views: if self.fresh_augmentation {
+                epochs.max(1)
+            } else {
+                self.views
+            },
             test_per_class: self.test_per_class,
         }
     }
@@ -79,7 +87,11 @@ struct ExtractDisplay {
 
 impl ExtractDisplay {
     fn new(quiet: bool) -> Self {
-        Self { quiet, bar: None, started: Instant::now() }
+        Self {
+            quiet,
+            bar: None,
+            started: Instant::now(),
+        }
     }
     fn update(&mut self, what: &'static str, p: &Progress) {
         if self.quiet {
@@ -88,8 +100,10 @@ impl ExtractDisplay {
         if self.bar.as_ref().map(|b| b.1 != what).unwrap_or(true) {
             let bar = indicatif::ProgressBar::new(p.total as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} views {per_sec} eta {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>18} [{bar:30}] {pos}/{len} views {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             bar.set_message(format!("features: {what}"));
             self.bar = Some((bar, what));
@@ -202,22 +216,34 @@ impl TrainArgs {
 pub fn run_training(a: &TrainArgs) -> Result<serde_json::Value> {
     let cfg = a.config()?;
     let t0 = Instant::now();
-    let clip = Clip::load(&a.data.model, &Device::Cpu).with_context(|| format!("loading model {}", a.data.model))?;
+    let clip = Clip::load(&a.data.model, &Device::Cpu)
+        .with_context(|| format!("loading model {}", a.data.model))?;
     let p = prepare(&clip, &a.data, a.epochs, a.json)?;
     let t_features = t0.elapsed().as_secs_f64();
     let cancel = AtomicBool::new(false);
     let quiet = a.json;
     let (_trained, metrics) = experiment::run(&clip, &p, &cfg, &cancel, a.save.as_deref(), |e| {
-        if let Event::Train(TrainEvent::Epoch { epoch, train_accuracy, mean_loss }) = e {
+        if let Event::Train(TrainEvent::Epoch {
+            epoch,
+            train_accuracy,
+            mean_loss,
+        }) = e
+        {
             if !quiet {
-                eprintln!("epoch {epoch:>3}  loss {mean_loss:.4}  train accuracy {:.1}%", 100.0 * train_accuracy);
+                eprintln!(
+                    "epoch {epoch:>3}  loss {mean_loss:.4}  train accuracy {:.1}%",
+                    100.0 * train_accuracy
+                );
             }
         }
     })?;
     let secs = t0.elapsed().as_secs_f64();
     if let Some(stem) = &a.save {
         if !a.json {
-            eprintln!("saved {} (+ .json)", stem.with_extension("safetensors").display());
+            eprintln!(
+                "saved {} (+ .json)",
+                stem.with_extension("safetensors").display()
+            );
         }
     }
     Ok(serde_json::json!({
@@ -243,7 +269,12 @@ pub fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     let row = |name: &str, v: &serde_json::Value| {
         let g = |k: &str| v[k].as_f64().unwrap_or(0.0) as f32;
-        println!("{name:<20} {:>6} {:>6} {:>6}", pct(g("base")), pct(g("new")), pct(g("hm")));
+        println!(
+            "{name:<20} {:>6} {:>6} {:>6}",
+            pct(g("base")),
+            pct(g("new")),
+            pct(g("hm"))
+        );
     };
     println!("{:<20} {:>6} {:>6} {:>6}", "method", "base", "new", "HM");
     row("zero-shot CLIP", &out["zero_shot"]);
@@ -307,7 +338,8 @@ fn csv_field(s: &str) -> String {
 }
 
 pub fn eval_cmd(a: EvalArgs) -> Result<()> {
-    let clip = Clip::load(&a.data.model, &Device::Cpu).with_context(|| format!("loading model {}", a.data.model))?;
+    let clip = Clip::load(&a.data.model, &Device::Cpu)
+        .with_context(|| format!("loading model {}", a.data.model))?;
     let p = prepare(&clip, &a.data, 1, a.json)?;
     let (method, base_w, new_w) = match &a.checkpoint {
         Some(path) => {
@@ -316,7 +348,11 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
                 Method::Coop => "CoOp",
                 Method::CoopRefiner => "CoOp + TextRefiner",
             };
-            (name.to_string(), trained_features(&clip, &t, &p.base.class_names)?, trained_features(&clip, &t, &p.new.class_names)?)
+            (
+                name.to_string(),
+                trained_features(&clip, &t, &p.base.class_names)?,
+                trained_features(&clip, &t, &p.new.class_names)?,
+            )
         }
         None => {
             let templates = match &a.templates {
@@ -330,15 +366,32 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
                 None => vec![train::DEFAULT_TEMPLATE.to_string()],
             };
             let zs = |names: &[String]| train::zero_shot_ensemble(&clip, names, &templates);
-            (format!("zero-shot CLIP ({} templates)", templates.len()), zs(&p.base.class_names)?, zs(&p.new.class_names)?)
+            (
+                format!("zero-shot CLIP ({} templates)", templates.len()),
+                zs(&p.base.class_names)?,
+                zs(&p.new.class_names)?,
+            )
         }
     };
-    let eb = eval::evaluate(&p.base_test.image, &p.base_test.labels, &base_w, &p.base.class_names)?;
-    let en = eval::evaluate(&p.new_test.image, &p.new_test.labels, &new_w, &p.new.class_names)?;
+    let eb = eval::evaluate(
+        &p.base_test.image,
+        &p.base_test.labels,
+        &base_w,
+        &p.base.class_names,
+    )?;
+    let en = eval::evaluate(
+        &p.new_test.image,
+        &p.new_test.labels,
+        &new_w,
+        &p.new.class_names,
+    )?;
     let summary = BaseNew::new(eb.accuracy, en.accuracy);
     if let Some(csv) = &a.csv {
         let mut s = String::from("subset,image,label,prediction,correct\n");
-        for (subset, e, items, ds) in [("base", &eb, &p.base_test_items, &p.base), ("new", &en, &p.new_test_items, &p.new)] {
+        for (subset, e, items, ds) in [
+            ("base", &eb, &p.base_test_items, &p.base),
+            ("new", &en, &p.new_test_items, &p.new),
+        ] {
             for (i, it) in items.iter().enumerate() {
                 let pred = e.predictions[i] as usize;
                 s += &format!(
@@ -353,15 +406,32 @@ pub fn eval_cmd(a: EvalArgs) -> Result<()> {
         write_csv(csv, &s)?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"method": method, "data": a.data.data, "summary": summary, "base": eb, "new": en}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"method": method, "data": a.data.data, "summary": summary, "base": eb, "new": en})
+            )?
+        );
         return Ok(());
     }
-    println!("{method} on {}: base {}  new {}  HM {}", p.dataset.name, pct(summary.base), pct(summary.new), pct(summary.hm));
+    println!(
+        "{method} on {}: base {}  new {}  HM {}",
+        p.dataset.name,
+        pct(summary.base),
+        pct(summary.new),
+        pct(summary.hm)
+    );
     for (name, e) in [("base", &eb), ("new", &en)] {
         if a.per_class {
             println!("\n{name} classes ({} test images)", e.images);
             for c in &e.per_class {
-                println!("  {:<40} {:>6}%  ({}/{})", c.name, pct(c.accuracy), c.correct, c.total);
+                println!(
+                    "  {:<40} {:>6}%  ({}/{})",
+                    c.name,
+                    pct(c.accuracy),
+                    c.correct,
+                    c.total
+                );
             }
         }
         if a.confusion {
@@ -408,17 +478,27 @@ pub struct CompareArgs {
 }
 
 pub fn compare_cmd(a: CompareArgs) -> Result<()> {
-    let clip = Clip::load(&a.data.model, &Device::Cpu).with_context(|| format!("loading model {}", a.data.model))?;
+    let clip = Clip::load(&a.data.model, &Device::Cpu)
+        .with_context(|| format!("loading model {}", a.data.model))?;
     let p = prepare(&clip, &a.data, 1, a.json)?;
     let coop = load_for(&clip, &a.coop, &p)?;
     let refined = load_for(&clip, &a.refined, &p)?;
     let mut out = Vec::new();
-    let mut csv = String::from("subset,image,label,flip,coop_margin,refined_margin,coop_top5,refined_top5\n");
-    for (subset, ds, f, items) in [("base", &p.base, &p.base_test, &p.base_test_items), ("new", &p.new, &p.new_test, &p.new_test_items)] {
+    let mut csv =
+        String::from("subset,image,label,flip,coop_margin,refined_margin,coop_top5,refined_top5\n");
+    for (subset, ds, f, items) in [
+        ("base", &p.base, &p.base_test, &p.base_test_items),
+        ("new", &p.new, &p.new_test, &p.new_test_items),
+    ] {
         let wa = trained_features(&clip, &coop, &ds.class_names)?;
         let wb = trained_features(&clip, &refined, &ds.class_names)?;
         let c = eval::compare(&f.image, &f.labels, &wa, &wb, clip.logit_scale)?;
-        let top5 = |r: &[eval::Ranked]| r.iter().map(|x| format!("{}:{:.3}", ds.class_names[x.class as usize], x.prob)).collect::<Vec<_>>().join("; ");
+        let top5 = |r: &[eval::Ranked]| {
+            r.iter()
+                .map(|x| format!("{}:{:.3}", ds.class_names[x.class as usize], x.prob))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         for im in &c.images {
             csv += &format!(
                 "{subset},{},{},{},{:.4},{:.4},{},{}\n",
@@ -442,7 +522,8 @@ pub fn compare_cmd(a: CompareArgs) -> Result<()> {
                 c.counts.both_wrong
             );
             for flip in [Flip::Fixed, Flip::Broken] {
-                let mut v: Vec<&eval::ImageComparison> = c.images.iter().filter(|i| i.flip == flip).collect();
+                let mut v: Vec<&eval::ImageComparison> =
+                    c.images.iter().filter(|i| i.flip == flip).collect();
                 v.sort_by(|x, y| y.margin_change().abs().total_cmp(&x.margin_change().abs()));
                 for im in v.iter().take(a.top) {
                     println!(
@@ -457,7 +538,9 @@ pub fn compare_cmd(a: CompareArgs) -> Result<()> {
                 }
             }
         }
-        out.push(serde_json::json!({"subset": subset, "class_names": ds.class_names, "comparison": c}));
+        out.push(
+            serde_json::json!({"subset": subset, "class_names": ds.class_names, "comparison": c}),
+        );
     }
     if let Some(path) = &a.csv {
         write_csv(path, &csv)?;
@@ -487,7 +570,8 @@ pub struct ImportArgs {
 }
 
 pub fn import_cmd(a: ImportArgs) -> Result<()> {
-    let clip = Clip::load(&a.model, &Device::Cpu).with_context(|| format!("loading model {}", a.model))?;
+    let clip =
+        Clip::load(&a.model, &Device::Cpu).with_context(|| format!("loading model {}", a.model))?;
     let ds = crate::data::dataset::Dataset::open(&a.data, clip.image_size() as u32)?;
     let subset = match a.subset.as_str() {
         "base" => Subset::Base,
@@ -497,12 +581,21 @@ pub fn import_cmd(a: ImportArgs) -> Result<()> {
     };
     let names = ds.subset(subset).class_names;
     let t = checkpoint::import_reference(&a.run, &clip, names, &Device::Cpu)?;
-    checkpoint::save(&a.out, &clip, &t, serde_json::json!({"imported_from": a.run.display().to_string()}))?;
+    checkpoint::save(
+        &a.out,
+        &clip,
+        &t,
+        serde_json::json!({"imported_from": a.run.display().to_string()}),
+    )?;
     println!(
         "imported {} ({} context vectors, {}) -> {}",
         a.run.display(),
         t.learner.n_ctx,
-        if t.refiner.is_some() { "with TextRefiner cache and local transform" } else { "CoOp only" },
+        if t.refiner.is_some() {
+            "with TextRefiner cache and local transform"
+        } else {
+            "CoOp only"
+        },
         a.out.with_extension("safetensors").display()
     );
     Ok(())
@@ -520,7 +613,11 @@ pub struct ResultsArgs {
 
 /// The project's analogue of the paper's base-to-new table.
 pub fn results_cmd(a: ResultsArgs) -> Result<()> {
-    let mut rows: Vec<(String, Vec<BaseNew>)> = vec![("Zero-shot CLIP".into(), vec![]), ("CoOp".into(), vec![]), ("CoOp + TextRefiner".into(), vec![])];
+    let mut rows: Vec<(String, Vec<BaseNew>)> = vec![
+        ("Zero-shot CLIP".into(), vec![]),
+        ("CoOp".into(), vec![]),
+        ("CoOp + TextRefiner".into(), vec![]),
+    ];
     let t0 = Instant::now();
     for &seed in &a.seeds {
         for (i, method) in ["coop", "coop-refiner"].iter().enumerate() {
@@ -540,8 +637,14 @@ pub fn results_cmd(a: ResultsArgs) -> Result<()> {
                 json: true,
             };
             let out = run_training(&args)?;
-            let get = |v: &serde_json::Value| -> Result<BaseNew> { Ok(serde_json::from_value(v.clone())?) };
-            eprintln!("seed {seed} {method}: {} ({:.1} s)", out["trained"], out["seconds"]["total"].as_f64().unwrap_or(0.0));
+            let get = |v: &serde_json::Value| -> Result<BaseNew> {
+                Ok(serde_json::from_value(v.clone())?)
+            };
+            eprintln!(
+                "seed {seed} {method}: {} ({:.1} s)",
+                out["trained"],
+                out["seconds"]["total"].as_f64().unwrap_or(0.0)
+            );
             if i == 0 {
                 rows[0].1.push(get(&out["zero_shot"])?);
             }
@@ -553,8 +656,17 @@ pub fn results_cmd(a: ResultsArgs) -> Result<()> {
     for (name, runs) in &rows {
         let n = runs.len().max(1) as f32;
         let mean = |f: fn(&BaseNew) -> f32| 100.0 * runs.iter().map(f).sum::<f32>() / n;
-        let per: Vec<String> = runs.iter().map(|r| format!("{} / {} / {}", pct(r.base), pct(r.new), pct(r.hm))).collect();
-        println!("| {name} | {:.2} | {:.2} | {:.2} | {} |", mean(|r| r.base), mean(|r| r.new), mean(|r| r.hm), per.join("; "));
+        let per: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{} / {} / {}", pct(r.base), pct(r.new), pct(r.hm)))
+            .collect();
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {} |",
+            mean(|r| r.base),
+            mean(|r| r.new),
+            mean(|r| r.hm),
+            per.join("; ")
+        );
     }
     eprintln!("{:.0} s in all", t0.elapsed().as_secs_f64());
     Ok(())

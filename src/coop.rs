@@ -33,7 +33,13 @@ pub struct CoopOptions {
 
 impl Default for CoopOptions {
     fn default() -> Self {
-        Self { n_ctx: 4, init: Some("a photo of a".into()), class_specific: false, position: ClassTokenPosition::End, seed: 1 }
+        Self {
+            n_ctx: 4,
+            init: Some("a photo of a".into()),
+            class_specific: false,
+            position: ClassTokenPosition::End,
+            seed: 1,
+        }
     }
 }
 
@@ -53,7 +59,12 @@ pub struct PromptLearner {
 }
 
 impl PromptLearner {
-    pub fn new(clip: &Clip, tok: &ClipTokenizer, class_names: &[String], opts: &CoopOptions) -> Result<Self> {
+    pub fn new(
+        clip: &Clip,
+        tok: &ClipTokenizer,
+        class_names: &[String],
+        opts: &CoopOptions,
+    ) -> Result<Self> {
         if class_names.is_empty() {
             candle_core::bail!("no classes to build prompts for");
         }
@@ -66,7 +77,10 @@ impl PromptLearner {
                 if ids.is_empty() {
                     candle_core::bail!("the context init phrase {phrase:?} has no tokens");
                 }
-                let t = clip.text.embed_tokens(&Tensor::from_vec(ids.clone(), (1, ids.len()), dev)?)?.squeeze(0)?;
+                let t = clip
+                    .text
+                    .embed_tokens(&Tensor::from_vec(ids.clone(), (1, ids.len()), dev)?)?
+                    .squeeze(0)?;
                 (ids.len(), Some(t))
             }
             None => (opts.n_ctx, None),
@@ -78,7 +92,10 @@ impl PromptLearner {
         for name in class_names {
             let placeholder = vec!["X"; n_ctx].join(" ");
             let ids = tok.tokenize(&format!("{placeholder} {name}."), ctx_len);
-            let e = ids.iter().position(|&t| t == crate::clip::tokenizer::EOT).unwrap_or(ids.len() - 1);
+            let e = ids
+                .iter()
+                .position(|&t| t == crate::clip::tokenizer::EOT)
+                .unwrap_or(ids.len() - 1);
             if e < n_ctx + 2 {
                 candle_core::bail!("class name {name:?} does not fit the {ctx_len}-token context with {n_ctx} context tokens");
             }
@@ -91,7 +108,9 @@ impl PromptLearner {
         let token_embeds = clip.text.embed_tokens(&ids)?.detach();
         let ctx = match (init_vec, opts.class_specific) {
             (Some(t), false) => Var::from_tensor(&t)?,
-            (Some(t), true) => Var::from_tensor(&t.unsqueeze(0)?.broadcast_as((c, n_ctx, w))?.contiguous()?)?,
+            (Some(t), true) => {
+                Var::from_tensor(&t.unsqueeze(0)?.broadcast_as((c, n_ctx, w))?.contiguous()?)?
+            }
             (None, cs) => {
                 let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
                 let normal = Normal::new(0f32, 0.02).map_err(candle_core::Error::wrap)?;
@@ -104,13 +123,35 @@ impl PromptLearner {
                 }
             }
         };
-        Ok(Self { ctx, token_embeds, eot, name_lens, n_ctx, position: opts.position, class_names: class_names.to_vec() })
+        Ok(Self {
+            ctx,
+            token_embeds,
+            eot,
+            name_lens,
+            n_ctx,
+            position: opts.position,
+            class_names: class_names.to_vec(),
+        })
     }
 
     /// Build from parts (for checkpoints and tests). `token_embeds`: `[C, L, W]`.
-    pub fn from_parts(ctx: Var, token_embeds: Tensor, eot: Vec<usize>, n_ctx: usize, class_names: Vec<String>) -> Self {
+    pub fn from_parts(
+        ctx: Var,
+        token_embeds: Tensor,
+        eot: Vec<usize>,
+        n_ctx: usize,
+        class_names: Vec<String>,
+    ) -> Self {
         let name_lens = eot.iter().map(|e| e - 1 - n_ctx).collect();
-        Self { ctx, token_embeds, eot, name_lens, n_ctx, position: ClassTokenPosition::End, class_names }
+        Self {
+            ctx,
+            token_embeds,
+            eot,
+            name_lens,
+            n_ctx,
+            position: ClassTokenPosition::End,
+            class_names,
+        }
     }
 
     pub fn num_classes(&self) -> usize {
@@ -168,6 +209,7 @@ impl PromptLearner {
 
     /// Text features `[C, d]` (not normalised); the shared prompt start is computed once.
     pub fn text_features(&self, clip: &Clip) -> Result<Tensor> {
-        clip.text.forward_embeds_shared(&self.prompts()?, self.shared_positions(), &self.eot)
+        clip.text
+            .forward_embeds_shared(&self.prompts()?, self.shared_positions(), &self.eot)
     }
 }

@@ -38,18 +38,33 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
     pub fn model(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Model { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Model {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
     pub fn config(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Config { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Config {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
     pub fn weights(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Weights { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Weights {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
     pub fn image(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Image { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Image {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
 }

@@ -34,17 +34,33 @@ pub fn logits(image: &Tensor, class_features: &Tensor, logit_scale: f32) -> Resu
 }
 
 fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0)
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap_or(0)
 }
 
 /// Evaluate class features `w` (`[C, d]`) on normalised image features with labels.
-pub fn evaluate(image: &Tensor, labels: &[u32], w: &Tensor, class_names: &[String]) -> Result<Evaluation> {
+pub fn evaluate(
+    image: &Tensor,
+    labels: &[u32],
+    w: &Tensor,
+    class_names: &[String],
+) -> Result<Evaluation> {
     let c = w.dim(0)?;
     if class_names.len() != c {
-        return Err(Error::Invalid(format!("{} class names for {c} class features", class_names.len())));
+        return Err(Error::Invalid(format!(
+            "{} class names for {c} class features",
+            class_names.len()
+        )));
     }
     if image.dim(0)? != labels.len() {
-        return Err(Error::Invalid(format!("{} labels for {} images", labels.len(), image.dim(0)?)));
+        return Err(Error::Invalid(format!(
+            "{} labels for {} images",
+            labels.len(),
+            image.dim(0)?
+        )));
     }
     let pred: Vec<u32> = image.matmul(&w.t()?)?.argmax(D::Minus1)?.to_vec1()?;
     let mut confusion = vec![vec![0u32; c]; c];
@@ -63,12 +79,22 @@ pub fn evaluate(image: &Tensor, labels: &[u32], w: &Tensor, class_names: &[Strin
                 name: class_names[i].clone(),
                 correct: row[i] as usize,
                 total: total as usize,
-                accuracy: if total > 0 { row[i] as f32 / total as f32 } else { 0.0 },
+                accuracy: if total > 0 {
+                    row[i] as f32 / total as f32
+                } else {
+                    0.0
+                },
             }
         })
         .collect();
     let correct: usize = (0..c).map(|i| confusion[i][i] as usize).sum();
-    Ok(Evaluation { accuracy: correct as f32 / labels.len().max(1) as f32, images: labels.len(), per_class, confusion, predictions: pred })
+    Ok(Evaluation {
+        accuracy: correct as f32 / labels.len().max(1) as f32,
+        images: labels.len(),
+        per_class,
+        confusion,
+        predictions: pred,
+    })
 }
 
 /// How a prediction changed from CoOp to the refined features.
@@ -159,18 +185,39 @@ pub fn top_k(row: &[f32], k: usize) -> Vec<Ranked> {
     let p = softmax(row);
     let mut idx: Vec<usize> = (0..row.len()).collect();
     idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-    idx.into_iter().take(k).map(|i| Ranked { class: i as u32, prob: p[i] }).collect()
+    idx.into_iter()
+        .take(k)
+        .map(|i| Ranked {
+            class: i as u32,
+            prob: p[i],
+        })
+        .collect()
 }
 
 fn margin(row: &[f32], y: usize) -> f32 {
-    let other = row.iter().enumerate().filter(|(i, _)| *i != y).map(|(_, v)| *v).fold(f32::NEG_INFINITY, f32::max);
+    let other = row
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != y)
+        .map(|(_, v)| *v)
+        .fold(f32::NEG_INFINITY, f32::max);
     row[y] - other
 }
 
 /// Compare class features `a` and `b` (`[C, d]` each) on the same images.
-pub fn compare(image: &Tensor, labels: &[u32], a: &Tensor, b: &Tensor, logit_scale: f32) -> Result<Comparison> {
+pub fn compare(
+    image: &Tensor,
+    labels: &[u32],
+    a: &Tensor,
+    b: &Tensor,
+    logit_scale: f32,
+) -> Result<Comparison> {
     if a.dims() != b.dims() {
-        return Err(Error::Invalid(format!("the two methods have class features of shapes {:?} and {:?}", a.dims(), b.dims())));
+        return Err(Error::Invalid(format!(
+            "the two methods have class features of shapes {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        )));
     }
     let la = logits(image, a, logit_scale)?;
     let lb = logits(image, b, logit_scale)?;
@@ -199,7 +246,12 @@ pub fn compare(image: &Tensor, labels: &[u32], a: &Tensor, b: &Tensor, logit_sca
         });
     }
     let n = labels.len().max(1) as f32;
-    Ok(Comparison { a_accuracy: ra as f32 / n, b_accuracy: rb as f32 / n, counts, images })
+    Ok(Comparison {
+        a_accuracy: ra as f32 / n,
+        b_accuracy: rb as f32 / n,
+        counts,
+        images,
+    })
 }
 
 /// Base / new / HM of one method.
@@ -212,7 +264,11 @@ pub struct BaseNew {
 
 impl BaseNew {
     pub fn new(base: f32, new: f32) -> Self {
-        Self { base, new, hm: harmonic_mean(base, new) }
+        Self {
+            base,
+            new,
+            hm: harmonic_mean(base, new),
+        }
     }
 }
 

@@ -16,7 +16,9 @@ use crate::data::dataset::Subset;
 use crate::eval::{top_k, Flip, Ranked};
 use crate::experiment::{self, Prepared};
 use crate::features::Features;
-use crate::train::{class_features, zero_shot_features, Method as TrainMethod, TrainConfig, Trained};
+use crate::train::{
+    class_features, zero_shot_features, Method as TrainMethod, TrainConfig, Trained,
+};
 
 /// One test image.
 #[derive(Debug, Clone)]
@@ -95,7 +97,10 @@ impl Exploration {
     }
 
     pub fn num_entries(&self) -> usize {
-        self.refiner.as_ref().map(|r| r.cache.len() / self.d.max(1)).unwrap_or(0)
+        self.refiner
+            .as_ref()
+            .map(|r| r.cache.len() / self.d.max(1))
+            .unwrap_or(0)
     }
 
     fn class_features<'a>(&'a self, method: &'a MethodFeatures, s: Subset) -> &'a [f32] {
@@ -108,7 +113,10 @@ impl Exploration {
     /// Scaled logits of image `i` under `features` (`[C, d]` for the image's subset).
     pub fn logits_with(&self, i: usize, features: &[f32]) -> Vec<f32> {
         let e = &self.images[i].embed;
-        features.chunks(self.d).map(|w| self.logit_scale * dot(e, w)).collect()
+        features
+            .chunks(self.d)
+            .map(|w| self.logit_scale * dot(e, w))
+            .collect()
     }
 
     /// Scaled logits of image `i` under method `m`.
@@ -127,8 +135,13 @@ impl Exploration {
 
     /// Accuracy of method `m` on a subset.
     pub fn accuracy(&self, m: usize, s: Subset) -> f32 {
-        let idx: Vec<usize> = (0..self.images.len()).filter(|&i| self.images[i].subset == s).collect();
-        let ok = idx.iter().filter(|&&i| self.predict(m, i) == self.images[i].label).count();
+        let idx: Vec<usize> = (0..self.images.len())
+            .filter(|&i| self.images[i].subset == s)
+            .collect();
+        let ok = idx
+            .iter()
+            .filter(|&&i| self.predict(m, i) == self.images[i].label)
+            .count();
         ok as f32 / idx.len().max(1) as f32
     }
 
@@ -149,7 +162,12 @@ impl Exploration {
         let y = self.images[i].label;
         let (la, lb) = (self.logits(a, i), self.logits(b, i));
         let margin = |l: &[f32]| {
-            let other = l.iter().enumerate().filter(|(k, _)| *k as u32 != y).map(|(_, v)| *v).fold(f32::NEG_INFINITY, f32::max);
+            let other = l
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k as u32 != y)
+                .map(|(_, v)| *v)
+                .fold(f32::NEG_INFINITY, f32::max);
             l[y as usize] - other
         };
         let pa = top_k(&la, 1)[0].class == y;
@@ -160,15 +178,30 @@ impl Exploration {
     /// Read weights `A_cache(t)` `[C, M]` of the refined run for a subset, with disabled
     /// entries left out of the softmax.
     pub fn read_weights(&self, s: Subset, enabled: &[bool]) -> Vec<f32> {
-        let Some(r) = &self.refiner else { return Vec::new() };
-        let t = if s == Subset::New { &r.t_new } else { &r.t_base };
+        let Some(r) = &self.refiner else {
+            return Vec::new();
+        };
+        let t = if s == Subset::New {
+            &r.t_new
+        } else {
+            &r.t_base
+        };
         let m = r.cache.len() / self.d;
         let mut out = Vec::with_capacity(t.len() / self.d * m);
         for tc in t.chunks(self.d) {
             let s: Vec<f32> = r.cache.chunks(self.d).map(|e| dot(tc, e)).collect();
             let on = |k: usize| enabled.get(k).copied().unwrap_or(true);
-            let mx = s.iter().enumerate().filter(|(k, _)| on(*k)).map(|(_, v)| *v).fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = s.iter().enumerate().map(|(k, v)| if on(k) { (v - mx).exp() } else { 0.0 }).collect();
+            let mx = s
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| on(*k))
+                .map(|(_, v)| *v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s
+                .iter()
+                .enumerate()
+                .map(|(k, v)| if on(k) { (v - mx).exp() } else { 0.0 })
+                .collect();
             let z: f32 = e.iter().sum::<f32>().max(1e-30);
             out.extend(e.iter().map(|v| v / z));
         }
@@ -178,9 +211,15 @@ impl Exploration {
     /// Refined class features with another `alpha` and some cache entries switched off:
     /// `t + alpha * extractor(concat(t, A_cache(t) @ cache))` (TEXTREFINER.md aggregation).
     pub fn refined_with(&self, s: Subset, alpha: f32, enabled: &[bool]) -> Vec<f32> {
-        let Some(r) = &self.refiner else { return Vec::new() };
+        let Some(r) = &self.refiner else {
+            return Vec::new();
+        };
         let d = self.d;
-        let t = if s == Subset::New { &r.t_new } else { &r.t_base };
+        let t = if s == Subset::New {
+            &r.t_new
+        } else {
+            &r.t_base
+        };
         let w = self.read_weights(s, enabled);
         let m = r.cache.len() / d;
         let mut out = Vec::with_capacity(t.len());
@@ -205,7 +244,11 @@ impl Exploration {
     /// Patch map for cache entry `k`: the cosine of each transformed patch with the entry.
     pub fn entry_map(&self, i: usize, k: usize) -> Vec<f32> {
         let m = self.num_entries();
-        self.images[i].patch_cache.chunks(m.max(1)).map(|row| row.get(k).copied().unwrap_or(0.0)).collect()
+        self.images[i]
+            .patch_cache
+            .chunks(m.max(1))
+            .map(|row| row.get(k).copied().unwrap_or(0.0))
+            .collect()
     }
 
     /// Class-conditional map: the class's read weights over entries times each patch's
@@ -217,7 +260,11 @@ impl Exploration {
         }
         let w = self.read_weights(self.images[i].subset, enabled);
         let wc = &w[class * m..(class + 1) * m];
-        self.images[i].patch_cache.chunks(m).map(|row| dot(row, wc)).collect()
+        self.images[i]
+            .patch_cache
+            .chunks(m)
+            .map(|row| dot(row, wc))
+            .collect()
     }
 
     /// The `k` (image, patch) pairs across the test set closest to cache entry `entry`.
@@ -254,18 +301,31 @@ impl Builder<'_> {
         let p = self.prepared;
         let d = clip.config.projection_dim;
         let method = |name: &str, b: Tensor, n: Tensor| -> crate::Result<MethodFeatures> {
-            Ok(MethodFeatures { name: name.into(), base: rows(&b)?, new: rows(&n)? })
+            Ok(MethodFeatures {
+                name: name.into(),
+                base: rows(&b)?,
+                new: rows(&n)?,
+            })
         };
-        let zs = method("Zero-shot CLIP", zero_shot_features(clip, &p.base.class_names)?, zero_shot_features(clip, &p.new.class_names)?)?;
-        let feats = |t: &Trained| -> crate::Result<(Tensor, Option<Tensor>, Tensor, Option<Tensor>)> {
-            let (tb, rb) = class_features(clip, t, &p.base.class_names)?;
-            let (tn, rn) = class_features(clip, t, &p.new.class_names)?;
-            Ok((tb, rb, tn, rn))
-        };
+        let zs = method(
+            "Zero-shot CLIP",
+            zero_shot_features(clip, &p.base.class_names)?,
+            zero_shot_features(clip, &p.new.class_names)?,
+        )?;
+        let feats =
+            |t: &Trained| -> crate::Result<(Tensor, Option<Tensor>, Tensor, Option<Tensor>)> {
+                let (tb, rb) = class_features(clip, t, &p.base.class_names)?;
+                let (tn, rn) = class_features(clip, t, &p.new.class_names)?;
+                Ok((tb, rb, tn, rn))
+            };
         let (cb, _, cn, _) = feats(coop)?;
         let coop_m = method("CoOp", cb, cn)?;
         let (tb, rb, tn, rn) = feats(refined)?;
-        let refined_m = method("CoOp + TextRefiner", rb.clone().unwrap_or(tb.clone()), rn.clone().unwrap_or(tn.clone()))?;
+        let refined_m = method(
+            "CoOp + TextRefiner",
+            rb.clone().unwrap_or(tb.clone()),
+            rn.clone().unwrap_or(tn.clone()),
+        )?;
         let mut images = Vec::new();
         let mut refiner_parts = None;
         let mut transform = refined.refiner.as_ref().map(|r| r.transform.clone());
@@ -279,7 +339,10 @@ impl Builder<'_> {
                 alpha: r.alpha as f32,
             });
         }
-        for (subset, ds, items, f) in [(Subset::Base, &p.base, &p.base_test_items, &p.base_test), (Subset::New, &p.new, &p.new_test_items, &p.new_test)] {
+        for (subset, ds, items, f) in [
+            (Subset::Base, &p.base, &p.base_test_items, &p.base_test),
+            (Subset::New, &p.new, &p.new_test_items, &p.new_test),
+        ] {
             let pc = patch_cache(f, transform.as_mut(), cache.as_ref())?;
             let embeds: Vec<Vec<f32>> = f.image.to_vec2()?;
             let attn: Vec<Vec<f32>> = f.cls_attn.to_vec2()?;
@@ -316,8 +379,14 @@ impl Builder<'_> {
 }
 
 /// `[n][P * M]`: cosine of each image's transformed patch tokens with each cache entry.
-fn patch_cache(f: &Features, transform: Option<&mut crate::refiner::LocalTransform>, cache: Option<&Tensor>) -> crate::Result<Vec<Vec<f32>>> {
-    let (Some(tr), Some(cache)) = (transform, cache) else { return Ok(Vec::new()) };
+fn patch_cache(
+    f: &Features,
+    transform: Option<&mut crate::refiner::LocalTransform>,
+    cache: Option<&Tensor>,
+) -> crate::Result<Vec<Vec<f32>>> {
+    let (Some(tr), Some(cache)) = (transform, cache) else {
+        return Ok(Vec::new());
+    };
     let (n, nt, d) = f.tokens.dims3()?;
     let patches = f.tokens.narrow(1, 1, nt - 1)?.reshape((n * (nt - 1), d))?;
     let z = l2_normalize(&tr.forward(&patches, false)?)?;
@@ -327,15 +396,26 @@ fn patch_cache(f: &Features, transform: Option<&mut crate::refiner::LocalTransfo
 }
 
 /// The `k` vocabulary tokens whose embeddings are closest (cosine) to each context vector.
-pub fn nearest_words(clip: &Clip, ctx: &Tensor, k: usize) -> crate::Result<Vec<Vec<(String, f32)>>> {
-    let ctx = if ctx.rank() == 3 { ctx.get(0)? } else { ctx.clone() };
+pub fn nearest_words(
+    clip: &Clip,
+    ctx: &Tensor,
+    k: usize,
+) -> crate::Result<Vec<Vec<(String, f32)>>> {
+    let ctx = if ctx.rank() == 3 {
+        ctx.get(0)?
+    } else {
+        ctx.clone()
+    };
     let table = l2_normalize(clip.text.token_embedding())?;
     let sims: Vec<Vec<f32>> = l2_normalize(&ctx)?.matmul(&table.t()?)?.to_vec2()?;
     let tok = ClipTokenizer::new();
     Ok(sims
         .iter()
         .map(|row| {
-            top_k_plain(row, k).into_iter().map(|(id, v)| (tok.token_text(id as u32).trim().to_string(), v)).collect()
+            top_k_plain(row, k)
+                .into_iter()
+                .map(|(id, v)| (tok.token_text(id as u32).trim().to_string(), v))
+                .collect()
         })
         .collect())
 }
@@ -351,27 +431,55 @@ fn top_k_plain(row: &[f32], k: usize) -> Vec<(usize, f32)> {
 
 /// Train the default CoOp and CoOp + TextRefiner runs on prepared data (the demo's "trained
 /// on the spot"), reporting progress.
-pub fn train_default_runs(clip: &Clip, p: &Prepared, cancel: &AtomicBool, report: Report) -> crate::Result<(Trained, Trained)> {
+pub fn train_default_runs(
+    clip: &Clip,
+    p: &Prepared,
+    cancel: &AtomicBool,
+    report: Report,
+) -> crate::Result<(Trained, Trained)> {
     let mut out = Vec::new();
-    for (k, method) in [TrainMethod::Coop, TrainMethod::CoopRefiner].into_iter().enumerate() {
-        let cfg = TrainConfig { method, seed: p.spec.seed, ..Default::default() };
+    for (k, method) in [TrainMethod::Coop, TrainMethod::CoopRefiner]
+        .into_iter()
+        .enumerate()
+    {
+        let cfg = TrainConfig {
+            method,
+            seed: p.spec.seed,
+            ..Default::default()
+        };
         let epochs = cfg.epochs;
         let name = if k == 0 { "CoOp" } else { "CoOp + TextRefiner" };
         let (t, _) = experiment::run(clip, p, &cfg, cancel, None, |e| {
             if let experiment::Event::Train(crate::train::TrainEvent::Epoch { epoch, .. }) = e {
-                report(&format!("training {name}: epoch {epoch}/{epochs}"), (k as f32 + *epoch as f32 / epochs as f32) / 2.0);
+                report(
+                    &format!("training {name}: epoch {epoch}/{epochs}"),
+                    (k as f32 + *epoch as f32 / epochs as f32) / 2.0,
+                );
             }
         })?;
         out.push(t);
     }
-    let refined = out.pop().ok_or_else(|| crate::Error::Invalid("no refined run".into()))?;
-    let coop = out.pop().ok_or_else(|| crate::Error::Invalid("no CoOp run".into()))?;
+    let refined = out
+        .pop()
+        .ok_or_else(|| crate::Error::Invalid("no refined run".into()))?;
+    let coop = out
+        .pop()
+        .ok_or_else(|| crate::Error::Invalid("no CoOp run".into()))?;
     Ok((coop, refined))
 }
 
 /// Class features of an extra run (trained in the window or imported) for the comparison.
-pub fn method_of(clip: &Clip, p: &Prepared, t: &Trained, name: &str) -> crate::Result<MethodFeatures> {
+pub fn method_of(
+    clip: &Clip,
+    p: &Prepared,
+    t: &Trained,
+    name: &str,
+) -> crate::Result<MethodFeatures> {
     let (tb, rb) = class_features(clip, t, &p.base.class_names)?;
     let (tn, rn) = class_features(clip, t, &p.new.class_names)?;
-    Ok(MethodFeatures { name: name.into(), base: rows(&rb.unwrap_or(tb))?, new: rows(&rn.unwrap_or(tn))? })
+    Ok(MethodFeatures {
+        name: name.into(),
+        base: rows(&rb.unwrap_or(tb))?,
+        new: rows(&rn.unwrap_or(tn))?,
+    })
 }

@@ -102,7 +102,9 @@ pub struct FeatureBank {
 
 impl FeatureBank {
     pub fn at(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: Some(dir.into()) }
+        Self {
+            dir: Some(dir.into()),
+        }
     }
     pub fn none() -> Self {
         Self { dir: None }
@@ -121,7 +123,11 @@ impl FeatureBank {
     }
 
     fn path(&self, model: &str, image: &str, tag: &str) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(&model[..16.min(model.len())]).join(&image[..2]).join(format!("{image}-{tag}.safetensors")))
+        self.dir.as_ref().map(|d| {
+            d.join(&model[..16.min(model.len())])
+                .join(&image[..2])
+                .join(format!("{image}-{tag}.safetensors"))
+        })
     }
 }
 
@@ -133,7 +139,11 @@ struct Row {
 
 fn read_row(path: &Path) -> Option<Row> {
     let ts = candle_core::safetensors::load(path, &Device::Cpu).ok()?;
-    Some(Row { image: ts.get("image")?.clone(), tokens: ts.get("tokens")?.clone(), attn: ts.get("cls_attn")?.clone() })
+    Some(Row {
+        image: ts.get("image")?.clone(),
+        tokens: ts.get("tokens")?.clone(),
+        attn: ts.get("cls_attn")?.clone(),
+    })
 }
 
 /// Encode `items` of `ds` (each with `views.per_image()` views) through `clip`, reusing and
@@ -150,12 +160,20 @@ pub fn extract(
     if items.is_empty() {
         return Err(Error::Invalid(format!("{}: no images to encode", ds.name)));
     }
-    let model = if bank.dir.is_some() { clip.identity_hash()? } else { String::new() };
+    let model = if bank.dir.is_some() {
+        clip.identity_hash()?
+    } else {
+        String::new()
+    };
     let size = clip.image_size();
     let per = views.per_image();
     let total = items.len() * per;
     let mut rows: Vec<Option<Row>> = Vec::with_capacity(total);
-    let mut p = Progress { done: 0, total, cached: 0 };
+    let mut p = Progress {
+        done: 0,
+        total,
+        cached: 0,
+    };
     progress(&p);
     // items per chunk: about 64 views at a time through the model
     let chunk = (64 / per).max(1);
@@ -189,7 +207,9 @@ pub fn extract(
                             for (i, b) in hash.bytes().take(8).enumerate() {
                                 s[i] = b;
                             }
-                            let mut rng = ChaCha8Rng::seed_from_u64(u64::from_le_bytes(s) ^ seed.rotate_left(21) ^ ((k as u64) << 40));
+                            let mut rng = ChaCha8Rng::seed_from_u64(
+                                u64::from_le_bytes(s) ^ seed.rotate_left(21) ^ ((k as u64) << 40),
+                            );
                             normalize_chw(&train_view(&mut rng, &img, size as u32))
                         }
                     };
@@ -223,7 +243,11 @@ pub fn extract(
             let tok = out.tokens.to_device(&Device::Cpu)?;
             let att = out.cls_attn.to_device(&Device::Cpu)?;
             for (j, (slot, path)) in todo_slot.into_iter().enumerate() {
-                let row = Row { image: img.get(j)?, tokens: tok.get(j)?, attn: att.get(j)? };
+                let row = Row {
+                    image: img.get(j)?,
+                    tokens: tok.get(j)?,
+                    attn: att.get(j)?,
+                };
                 if let Some(path) = path {
                     save_row(&path, &row)?;
                 }
@@ -243,11 +267,20 @@ pub fn extract(
         tokens.push(r.tokens);
         attn.push(r.attn);
     }
-    let labels = items.iter().flat_map(|it| std::iter::repeat_n(it.label, per)).collect();
+    let labels = items
+        .iter()
+        .flat_map(|it| std::iter::repeat_n(it.label, per))
+        .collect();
     Ok(Features {
-        image: Tensor::stack(&image, 0)?.to_dtype(DType::F32)?.to_device(dev)?,
-        tokens: Tensor::stack(&tokens, 0)?.to_dtype(DType::F32)?.to_device(dev)?,
-        cls_attn: Tensor::stack(&attn, 0)?.to_dtype(DType::F32)?.to_device(dev)?,
+        image: Tensor::stack(&image, 0)?
+            .to_dtype(DType::F32)?
+            .to_device(dev)?,
+        tokens: Tensor::stack(&tokens, 0)?
+            .to_dtype(DType::F32)?
+            .to_device(dev)?,
+        cls_attn: Tensor::stack(&attn, 0)?
+            .to_dtype(DType::F32)?
+            .to_device(dev)?,
         labels,
         views: per,
     })

@@ -5,11 +5,11 @@
 //! CLIP does. Every failure that concerns a file is an [`error::Error`] naming the file and the
 //! problem; nothing in the core panics on bad input.
 
-pub mod clip;
-pub mod colormap;
 pub mod bench_train;
 pub mod checkpoint;
 pub mod cli;
+pub mod clip;
+pub mod colormap;
 pub mod commands;
 pub mod coop;
 pub mod data;

@@ -9,7 +9,11 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(name = "textrefiner-explorer", version, about = "Inspect, compare and fine-tune CLIP prompt learning (CoOp + TextRefiner)")]
+#[command(
+    name = "textrefiner-explorer",
+    version,
+    about = "Inspect, compare and fine-tune CLIP prompt learning (CoOp + TextRefiner)"
+)]
 struct Cli {
     /// Open the explorer on this model (folder, weights file or hub id).
     #[arg(long)]
@@ -46,5 +50,7 @@ fn open_explorer(model: Option<String>, images: Vec<std::path::PathBuf>) -> anyh
 
 #[cfg(not(feature = "gui"))]
 fn open_explorer(_model: Option<String>, _images: Vec<std::path::PathBuf>) -> anyhow::Result<()> {
-    anyhow::bail!("this build has no GUI (built without the `gui` feature); run a subcommand, see --help")
+    anyhow::bail!(
+        "this build has no GUI (built without the `gui` feature); run a subcommand, see --help"
+    )
 }

@@ -63,7 +63,17 @@ pub struct PretrainConfig {
 
 impl Default for PretrainConfig {
     fn default() -> Self {
-        Self { steps: 700, batch: 128, lr: 1e-3, weight_decay: 0.1, warmup: 100, seed: 0, world_seed: 1, detail_prob: 0.05, max_secs: None }
+        Self {
+            steps: 700,
+            batch: 128,
+            lr: 1e-3,
+            weight_decay: 0.1,
+            warmup: 100,
+            seed: 0,
+            world_seed: 1,
+            detail_prob: 0.05,
+            max_secs: None,
+        }
     }
 }
 
@@ -90,34 +100,65 @@ fn no_decay(name: &str) -> bool {
 }
 
 /// Fresh trainable parameters for `cfg` (initialised by [`RandomInit`]).
-fn init_vars(cfg: &ClipConfig, seed: u64, device: &Device) -> Result<(VarMap, HashMap<String, Var>)> {
+fn init_vars(
+    cfg: &ClipConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(VarMap, HashMap<String, Var>)> {
     // Record every tensor the model asks for, then turn each into a Var.
     struct Recorder {
         inner: RandomInit,
         seen: std::sync::Mutex<HashMap<String, Tensor>>,
     }
     impl candle_nn::var_builder::SimpleBackend for Recorder {
-        fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             let t = self.inner.get(s, name, h, dtype, dev)?;
             if let Ok(mut m) = self.seen.lock() {
                 m.insert(name.to_string(), t.clone());
             }
             Ok(t)
         }
-        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get_unchecked(
+            &self,
+            name: &str,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             self.inner.get_unchecked(name, dtype, dev)
         }
         fn contains_tensor(&self, _name: &str) -> bool {
             true
         }
     }
-    let rec = std::sync::Arc::new(Recorder { inner: RandomInit { seed }, seen: Default::default() });
+    let rec = std::sync::Arc::new(Recorder {
+        inner: RandomInit { seed },
+        seen: Default::default(),
+    });
     struct Shared(std::sync::Arc<Recorder>);
     impl candle_nn::var_builder::SimpleBackend for Shared {
-        fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            name: &str,
+            h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             self.0.get(s, name, h, dtype, dev)
         }
-        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get_unchecked(
+            &self,
+            name: &str,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             self.0.get_unchecked(name, dtype, dev)
         }
         fn contains_tensor(&self, name: &str) -> bool {
@@ -132,7 +173,10 @@ fn init_vars(cfg: &ClipConfig, seed: u64, device: &Device) -> Result<(VarMap, Ha
     let varmap = VarMap::new();
     let mut vars = HashMap::new();
     {
-        let mut data = varmap.data().lock().map_err(|_| Error::Invalid("var map lock".into()))?;
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Invalid("var map lock".into()))?;
         for (k, t) in seen {
             let v = Var::from_tensor(&t)?;
             data.insert(k.clone(), v.clone());
@@ -147,13 +191,40 @@ fn init_vars(cfg: &ClipConfig, seed: u64, device: &Device) -> Result<(VarMap, Ha
 fn build(varmap: &VarMap, cfg: &ClipConfig, device: &Device) -> Result<Clip> {
     let vb = VarBuilder::from_varmap(varmap, DType::F32, device);
     let (vision, text, logit_scale) = Clip::from_varbuilder(vb, cfg)?;
-    Ok(Clip { config: cfg.clone(), vision, text, logit_scale, source: "pretraining".into(), naming: Naming::HuggingFace, identity: crate::clip::Identity::Named("pretraining".into()) })
+    Ok(Clip {
+        config: cfg.clone(),
+        vision,
+        text,
+        logit_scale,
+        source: "pretraining".into(),
+        naming: Naming::HuggingFace,
+        identity: crate::clip::Identity::Named("pretraining".into()),
+    })
 }
 
 /// A batch of freshly drawn images (normalised, `[B, 3, S, S]`) and tokenized captions.
-fn batch(world: &World, rng: &mut ChaCha8Rng, b: usize, detail_prob: f64, tok: &ClipTokenizer, ctx: usize, device: &Device) -> Result<(Tensor, Vec<Vec<u32>>)> {
-    let picks: Vec<(usize, u64, u64)> = (0..b).map(|_| (rng.random_range(0..world.num_classes()), rng.random(), rng.random())).collect();
-    let pixels: Vec<Vec<f32>> = picks.par_iter().map(|&(c, idx, _)| normalize_chw(&world.image(Split::Pretrain, c, idx))).collect();
+fn batch(
+    world: &World,
+    rng: &mut ChaCha8Rng,
+    b: usize,
+    detail_prob: f64,
+    tok: &ClipTokenizer,
+    ctx: usize,
+    device: &Device,
+) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let picks: Vec<(usize, u64, u64)> = (0..b)
+        .map(|_| {
+            (
+                rng.random_range(0..world.num_classes()),
+                rng.random(),
+                rng.random(),
+            )
+        })
+        .collect();
+    let pixels: Vec<Vec<f32>> = picks
+        .par_iter()
+        .map(|&(c, idx, _)| normalize_chw(&world.image(Split::Pretrain, c, idx)))
+        .collect();
     let ids = picks
         .iter()
         .map(|&(c, _, cap_seed)| {
@@ -168,16 +239,34 @@ fn batch(world: &World, rng: &mut ChaCha8Rng, b: usize, detail_prob: f64, tok: &
 
 /// Zero-shot accuracy of `model` on `images` with labels among `classes` (prompt "a photo of a
 /// {class}.").
-pub fn zero_shot_accuracy(model: &Clip, world: &World, split: Split, classes: &[usize], per_class: u64) -> Result<f32> {
-    let names: Vec<String> = classes.iter().map(|&c| world.class_names()[c].clone()).collect();
+pub fn zero_shot_accuracy(
+    model: &Clip,
+    world: &World,
+    split: Split,
+    classes: &[usize],
+    per_class: u64,
+) -> Result<f32> {
+    let names: Vec<String> = classes
+        .iter()
+        .map(|&c| world.class_names()[c].clone())
+        .collect();
     let txt = crate::train::zero_shot_features(model, &names)?;
     let mut correct = 0usize;
     let mut total = 0usize;
     for (label, &c) in classes.iter().enumerate() {
-        let pix: Vec<f32> = (0..per_class).into_par_iter().map(|i| normalize_chw(&world.image(split, c, i))).flatten().collect();
+        let pix: Vec<f32> = (0..per_class)
+            .into_par_iter()
+            .map(|i| normalize_chw(&world.image(split, c, i)))
+            .flatten()
+            .collect();
         let s = world.size as usize;
         let x = Tensor::from_vec(pix, (per_class as usize, 3, s, s), model.device())?;
-        let img = l2_normalize(&model.vision.forward(&x, &VisionOptions::default())?.image_embeds)?;
+        let img = l2_normalize(
+            &model
+                .vision
+                .forward(&x, &VisionOptions::default())?
+                .image_embeds,
+        )?;
         let pred = img.matmul(&txt.t()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
         correct += pred.iter().filter(|&&p| p as usize == label).count();
         total += pred.len();
@@ -187,17 +276,34 @@ pub fn zero_shot_accuracy(model: &Clip, world: &World, split: Split, classes: &[
 
 /// Run pretraining; `on_progress` sees every step. Returns the trained model's tensors
 /// (Hugging Face names, f32).
-pub fn pretrain(cfg: &PretrainConfig, device: &Device, mut on_progress: impl FnMut(&PretrainProgress)) -> Result<HashMap<String, Tensor>> {
+pub fn pretrain(
+    cfg: &PretrainConfig,
+    device: &Device,
+    mut on_progress: impl FnMut(&PretrainProgress),
+) -> Result<HashMap<String, Tensor>> {
     let mcfg = tiny_config();
     let world = World::new(cfg.world_seed, mcfg.vision_config.image_size as u32);
     let tok = ClipTokenizer::new();
     let ctx = mcfg.text_config.max_position_embeddings;
     let (varmap, vars) = init_vars(&mcfg, cfg.seed, device)?;
-    let (decay, plain): (Vec<(String, Var)>, Vec<(String, Var)>) = vars.clone().into_iter().partition(|(k, _)| !no_decay(k));
-    let p = |wd: f64| ParamsAdamW { lr: cfg.lr, beta1: 0.9, beta2: 0.98, eps: 1e-6, weight_decay: wd };
-    let mut opt_decay = AdamW::new(decay.into_iter().map(|x| x.1).collect(), p(cfg.weight_decay))?;
+    let (decay, plain): (Vec<(String, Var)>, Vec<(String, Var)>) =
+        vars.clone().into_iter().partition(|(k, _)| !no_decay(k));
+    let p = |wd: f64| ParamsAdamW {
+        lr: cfg.lr,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay: wd,
+    };
+    let mut opt_decay = AdamW::new(
+        decay.into_iter().map(|x| x.1).collect(),
+        p(cfg.weight_decay),
+    )?;
     let mut opt_plain = AdamW::new(plain.into_iter().map(|x| x.1).collect(), p(0.0))?;
-    let logit_scale = vars.get("logit_scale").cloned().ok_or_else(|| Error::Invalid("no logit_scale".into()))?;
+    let logit_scale = vars
+        .get("logit_scale")
+        .cloned()
+        .ok_or_else(|| Error::Invalid("no logit_scale".into()))?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed);
     let t0 = Instant::now();
     let all: Vec<usize> = (0..world.num_classes()).collect();
@@ -211,15 +317,34 @@ pub fn pretrain(cfg: &PretrainConfig, device: &Device, mut on_progress: impl FnM
         opt_decay.set_learning_rate(lr);
         opt_plain.set_learning_rate(lr);
         let model = build(&varmap, &mcfg, device)?;
-        let (x, ids) = batch(&world, &mut rng, cfg.batch, cfg.detail_prob, &tok, ctx, device)?;
-        let img = l2_normalize(&model.vision.forward(&x, &VisionOptions::default())?.image_embeds)?;
+        let (x, ids) = batch(
+            &world,
+            &mut rng,
+            cfg.batch,
+            cfg.detail_prob,
+            &tok,
+            ctx,
+            device,
+        )?;
+        let img = l2_normalize(
+            &model
+                .vision
+                .forward(&x, &VisionOptions::default())?
+                .image_embeds,
+        )?;
         let txt = l2_normalize(&model.text.forward_ids(&ids)?)?;
-        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&logit_scale.as_tensor().exp()?)?;
+        let logits = img
+            .matmul(&txt.t()?)?
+            .broadcast_mul(&logit_scale.as_tensor().exp()?)?;
         let labels = Tensor::arange(0u32, cfg.batch as u32, device)?;
-        let loss = ((candle_nn::loss::cross_entropy(&logits, &labels)? + candle_nn::loss::cross_entropy(&logits.t()?, &labels)?)? * 0.5)?;
+        let loss = ((candle_nn::loss::cross_entropy(&logits, &labels)?
+            + candle_nn::loss::cross_entropy(&logits.t()?, &labels)?)?
+            * 0.5)?;
         let loss_v = loss.to_scalar::<f32>()?;
         if !loss_v.is_finite() {
-            return Err(Error::Invalid(format!("pretraining diverged at step {step}: loss is {loss_v}")));
+            return Err(Error::Invalid(format!(
+                "pretraining diverged at step {step}: loss is {loss_v}"
+            )));
         }
         let grads = loss.backward()?;
         opt_decay.step(&grads)?;
@@ -247,13 +372,23 @@ pub fn pretrain(cfg: &PretrainConfig, device: &Device, mut on_progress: impl FnM
             break;
         }
     }
-    let data = varmap.data().lock().map_err(|_| Error::Invalid("var map lock".into()))?;
-    Ok(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect())
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Invalid("var map lock".into()))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
 }
 
 /// Write a model folder atomically: `config.json` (Hugging Face CLIPModel) and
 /// `model.safetensors` (f16), each written to a temporary file and renamed.
-pub fn save_model_folder(dir: &Path, cfg: &ClipConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+pub fn save_model_folder(
+    dir: &Path,
+    cfg: &ClipConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut json = serde_json::to_value(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
     json["model_type"] = serde_json::json!("clip");
@@ -261,8 +396,15 @@ pub fn save_model_folder(dir: &Path, cfg: &ClipConfig, tensors: &HashMap<String,
     json["text_config"]["model_type"] = serde_json::json!("clip_text_model");
     json["vision_config"]["model_type"] = serde_json::json!("clip_vision_model");
     let cfg_path = dir.join("config.json");
-    crate::util::write_atomic(&cfg_path, serde_json::to_string_pretty(&json).map_err(|e| Error::Invalid(e.to_string()))?.as_bytes())?;
-    let half: HashMap<String, Tensor> =
-        tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F16)?))).collect::<candle_core::Result<_>>()?;
+    crate::util::write_atomic(
+        &cfg_path,
+        serde_json::to_string_pretty(&json)
+            .map_err(|e| Error::Invalid(e.to_string()))?
+            .as_bytes(),
+    )?;
+    let half: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F16)?)))
+        .collect::<candle_core::Result<_>>()?;
     crate::util::save_safetensors_atomic(&dir.join("model.safetensors"), &half)
 }

@@ -67,7 +67,14 @@ impl LocalTransform {
     }
 
     pub fn vars(&self) -> Vec<Var> {
-        vec![self.w1.clone(), self.b1.clone(), self.bn_w.clone(), self.bn_b.clone(), self.w2.clone(), self.b2.clone()]
+        vec![
+            self.w1.clone(),
+            self.b1.clone(),
+            self.bn_w.clone(),
+            self.bn_b.clone(),
+            self.w2.clone(),
+            self.b2.clone(),
+        ]
     }
 
     /// Training forward on the fused ops of [`crate::clip::train_ops`], L2-normalised: the
@@ -80,36 +87,58 @@ impl LocalTransform {
         let n = x.dim(0)?;
         let h = train_ops::linear_weight_grad(x, self.w1.as_tensor(), self.b1.as_tensor())?;
         let stats: train_ops::BatchStats = Default::default();
-        let z = train_ops::batch_norm_relu(&h, self.bn_w.as_tensor(), self.bn_b.as_tensor(), BN_EPS, &stats)?;
-        let (mean, var) = stats.lock().map_err(|_| candle_core::Error::Msg("batch statistics lock".into()))?.clone();
+        let z = train_ops::batch_norm_relu(
+            &h,
+            self.bn_w.as_tensor(),
+            self.bn_b.as_tensor(),
+            BN_EPS,
+            &stats,
+        )?;
+        let (mean, var) = stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch statistics lock".into()))?
+            .clone();
         let d = mean.len();
         let dev = x.device();
         let mean = Tensor::from_vec(mean, d, dev)?;
         let unbiased = (Tensor::from_vec(var, d, dev)? * (n as f64 / (n.max(2) - 1) as f64))?;
         self.running_mean = ((&self.running_mean * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?;
-        self.running_var = ((&self.running_var * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
-        let u = z.matmul(&self.w2.as_tensor().t()?)?.broadcast_add(self.b2.as_tensor())?;
+        self.running_var =
+            ((&self.running_var * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+        let u = z
+            .matmul(&self.w2.as_tensor().t()?)?
+            .broadcast_add(self.b2.as_tensor())?;
         train_ops::l2_normalize(&u)
     }
 
     /// `x`: `[n, d]` tokens. In training the running statistics are updated.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = x.matmul(&self.w1.as_tensor().t()?)?.broadcast_add(self.b1.as_tensor())?;
+        let h = x
+            .matmul(&self.w1.as_tensor().t()?)?
+            .broadcast_add(self.b1.as_tensor())?;
         let (mean, var) = if train {
             let n = h.dim(0)?;
             let mean = h.mean(0)?;
             let centred = h.broadcast_sub(&mean)?;
             let var = centred.sqr()?.mean(0)?;
             let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
-            self.running_mean = ((&self.running_mean * (1.0 - BN_MOMENTUM))? + (mean.detach() * BN_MOMENTUM)?)?;
-            self.running_var = ((&self.running_var * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+            self.running_mean =
+                ((&self.running_mean * (1.0 - BN_MOMENTUM))? + (mean.detach() * BN_MOMENTUM)?)?;
+            self.running_var =
+                ((&self.running_var * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
             (mean, var)
         } else {
             (self.running_mean.clone(), self.running_var.clone())
         };
-        let h = h.broadcast_sub(&mean)?.broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        let h = h.broadcast_mul(self.bn_w.as_tensor())?.broadcast_add(self.bn_b.as_tensor())?.relu()?;
-        h.matmul(&self.w2.as_tensor().t()?)?.broadcast_add(self.b2.as_tensor())
+        let h = h
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        let h = h
+            .broadcast_mul(self.bn_w.as_tensor())?
+            .broadcast_add(self.bn_b.as_tensor())?
+            .relu()?;
+        h.matmul(&self.w2.as_tensor().t()?)?
+            .broadcast_add(self.b2.as_tensor())
     }
 }
 
@@ -125,11 +154,17 @@ impl LocalCache {
     pub fn new(m: usize, d: usize, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f32> = (0..m * d).map(|_| rng.random_range(0.0..1.0f32)).collect();
-        Ok(Self { memory: l2_normalize(&Tensor::from_vec(v, (m, d), device)?)?, momentum: MOMENTUM })
+        Ok(Self {
+            memory: l2_normalize(&Tensor::from_vec(v, (m, d), device)?)?,
+            momentum: MOMENTUM,
+        })
     }
 
     pub fn from_memory(memory: Tensor) -> Self {
-        Self { memory, momentum: MOMENTUM }
+        Self {
+            memory,
+            momentum: MOMENTUM,
+        }
     }
 
     pub fn size(&self) -> usize {
@@ -156,9 +191,17 @@ impl LocalCache {
         let d = mem.first().map(|r| r.len()).unwrap_or(0);
         let assign: Vec<usize> = s
             .iter()
-            .map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|x| x.0).unwrap_or(0))
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|x| x.0)
+                    .unwrap_or(0)
+            })
             .collect();
-        let col_max: Vec<f32> = (0..m).map(|i| s.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max)).collect();
+        let col_max: Vec<f32> = (0..m)
+            .map(|i| s.iter().map(|r| r[i]).fold(f32::NEG_INFINITY, f32::max))
+            .collect();
         let mom = self.momentum as f32;
         for (i, row) in mem.iter_mut().enumerate() {
             let mut acc = vec![0f32; d];
@@ -264,20 +307,42 @@ pub fn semantic_tokens(trans: &Tensor, cls_attn: &Tensor) -> Result<Tensor> {
         idx.extend(t.iter().map(|&j| (i * n + j) as u32));
     }
     let idx = Tensor::from_vec(idx, b * 6, trans.device())?;
-    let picked = trans.reshape((b * n, d))?.index_select(&idx, 0)?.reshape((b, 6, d))?;
+    let picked = trans
+        .reshape((b * n, d))?
+        .index_select(&idx, 0)?
+        .reshape((b, 6, d))?;
     let mean = trans.mean_keepdim(1)?;
     Tensor::cat(&[&picked, &mean], 1)?.reshape((b * 7, d))
 }
 
 /// CoOp + TextRefiner objective. `img`, `t`: normalised; `refined` as from [`aggregate`];
 /// `trans`: normalised transformed local tokens `[B, N, d]`; `labels`: `[B]` u32.
-pub fn losses(img: &Tensor, t: &Tensor, refined: &Tensor, trans: &Tensor, cls_attn: &Tensor, labels: &Tensor, logit_scale: f64) -> Result<Losses> {
-    let global = candle_nn::loss::cross_entropy(&(img.matmul(&refined.t()?)? * logit_scale)?, labels)?;
+pub fn losses(
+    img: &Tensor,
+    t: &Tensor,
+    refined: &Tensor,
+    trans: &Tensor,
+    cls_attn: &Tensor,
+    labels: &Tensor,
+    logit_scale: f64,
+) -> Result<Losses> {
+    let global =
+        candle_nn::loss::cross_entropy(&(img.matmul(&refined.t()?)? * logit_scale)?, labels)?;
     let tokens7 = semantic_tokens(trans, cls_attn)?;
     let b = labels.dim(0)?;
-    let labels7 = labels.unsqueeze(1)?.broadcast_as((b, 7))?.contiguous()?.flatten_all()?;
-    let local = candle_nn::loss::cross_entropy(&(tokens7.matmul(&t.t()?)? * logit_scale)?, &labels7)?;
+    let labels7 = labels
+        .unsqueeze(1)?
+        .broadcast_as((b, 7))?
+        .contiguous()?
+        .flatten_all()?;
+    let local =
+        candle_nn::loss::cross_entropy(&(tokens7.matmul(&t.t()?)? * logit_scale)?, &labels7)?;
     let reg = (l2_normalize(refined)? - t)?.abs()?.mean_all()?;
     let total = ((&global + (&local / BALANCE)?)? + (&reg * DISTILL)?)?;
-    Ok(Losses { global, local, reg, total })
+    Ok(Losses {
+        global,
+        local,
+        reg,
+        total,
+    })
 }

@@ -20,9 +20,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::clip::tokenizer::ClipTokenizer;
 use crate::clip::{l2_normalize, Clip};
-pub use crate::features::Features;
 use crate::coop::{CoopOptions, PromptLearner};
 use crate::error::{Error, Result};
+pub use crate::features::Features;
 use crate::refiner::{self, Refiner};
 
 /// Which method to train.
@@ -90,8 +90,21 @@ impl TrainConfig {
 /// What the loop reports.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
-    Step { epoch: usize, step: usize, steps_per_epoch: usize, lr: f64, global: f32, local: f32, reg: f32, total: f32 },
-    Epoch { epoch: usize, train_accuracy: f32, mean_loss: f32 },
+    Step {
+        epoch: usize,
+        step: usize,
+        steps_per_epoch: usize,
+        lr: f64,
+        global: f32,
+        local: f32,
+        reg: f32,
+        total: f32,
+    },
+    Epoch {
+        epoch: usize,
+        train_accuracy: f32,
+        mean_loss: f32,
+    },
 }
 
 /// A trained prompt (and refiner).
@@ -114,11 +127,18 @@ struct Sgd {
 impl Sgd {
     fn new(vars: Vec<Var>, momentum: f64, weight_decay: f64) -> Self {
         let n = vars.len();
-        Self { vars, bufs: vec![None; n], momentum, weight_decay }
+        Self {
+            vars,
+            bufs: vec![None; n],
+            momentum,
+            weight_decay,
+        }
     }
     fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
         for (v, buf) in self.vars.iter().zip(self.bufs.iter_mut()) {
-            let Some(g) = grads.get(v.as_tensor()) else { continue };
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
             let g = (g + (v.as_tensor() * self.weight_decay)?)?;
             let b = match buf.take() {
                 Some(b) => ((b * self.momentum)? + g)?,
@@ -168,7 +188,13 @@ impl<'a> TrainState<'a> {
             vars.extend(r.vars());
         }
         let opt = Sgd::new(vars, cfg.momentum, cfg.weight_decay);
-        Ok(Self { clip, learner, refiner, opt, scale: clip.logit_scale as f64 })
+        Ok(Self {
+            clip,
+            learner,
+            refiner,
+            opt,
+            scale: clip.logit_scale as f64,
+        })
     }
 
     /// One SGD step on a batch of features at learning rate `lr`. A non-finite loss is an error
@@ -178,7 +204,9 @@ impl<'a> TrainState<'a> {
         let scale = self.scale;
         let labels = Tensor::from_vec(b.labels.clone(), b.len(), clip.device())?;
         use crate::clip::profile::time;
-        let t = time("step: text forward", || l2_normalize(&self.learner.text_features(clip)?))?;
+        let t = time("step: text forward", || {
+            l2_normalize(&self.learner.text_features(clip)?)
+        })?;
         let (logits, total, l) = match self.refiner.as_mut() {
             None => {
                 let logits = (b.image.matmul(&t.t()?)? * scale)?;
@@ -189,9 +217,20 @@ impl<'a> TrainState<'a> {
                 let (_fine, refined) = r.refine(&t)?;
                 let (bn, nt, dd) = b.tokens.dims3()?;
                 let trans = time("step: local transform", || -> Result<Tensor> {
-                    Ok(r.transform.forward_train_normalized(&b.tokens.reshape((bn * nt, dd))?)?)
+                    Ok(r.transform
+                        .forward_train_normalized(&b.tokens.reshape((bn * nt, dd))?)?)
                 })?;
-                let l = time("step: losses", || refiner::losses(&b.image, &t, &refined, &trans.reshape((bn, nt, dd))?, &b.cls_attn, &labels, scale))?;
+                let l = time("step: losses", || {
+                    refiner::losses(
+                        &b.image,
+                        &t,
+                        &refined,
+                        &trans.reshape((bn, nt, dd))?,
+                        &b.cls_attn,
+                        &labels,
+                        scale,
+                    )
+                })?;
                 // write after the read, once per batch, no gradient
                 time("step: cache write", || r.cache.write(&trans.detach()))?;
                 let logits = (b.image.matmul(&refined.t()?)? * scale)?;
@@ -207,10 +246,20 @@ impl<'a> TrainState<'a> {
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let correct = pred.iter().zip(&b.labels).filter(|(p, y)| p == y).count();
         let (global, local, reg) = match &l {
-            Some(l) => (l.global.to_scalar::<f32>()?, l.local.to_scalar::<f32>()?, l.reg.to_scalar::<f32>()?),
+            Some(l) => (
+                l.global.to_scalar::<f32>()?,
+                l.local.to_scalar::<f32>()?,
+                l.reg.to_scalar::<f32>()?,
+            ),
             None => (total_v, 0.0, 0.0),
         };
-        Ok(StepOutput { global, local, reg, total: total_v, correct })
+        Ok(StepOutput {
+            global,
+            local,
+            reg,
+            total: total_v,
+            correct,
+        })
     }
 }
 
@@ -252,7 +301,11 @@ pub fn train_checkpointed(
         let lr = cfg.lr_at(epoch);
         let mut order: Vec<u32> = (0..n as u32)
             .map(|i| {
-                let v = if cfg.fresh_views { (epoch % views) as u32 } else { rng.random_range(0..views as u32) };
+                let v = if cfg.fresh_views {
+                    (epoch % views) as u32
+                } else {
+                    rng.random_range(0..views as u32)
+                };
                 i * views as u32 + v
             })
             .collect();
@@ -261,7 +314,11 @@ pub fn train_checkpointed(
         let mut loss_sum = 0f32;
         for (step, chunk) in order.chunks(cfg.batch).enumerate() {
             if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Invalid(format!("cancelled in epoch {} at step {}", epoch + 1, step + 1)));
+                return Err(Error::Invalid(format!(
+                    "cancelled in epoch {} at step {}",
+                    epoch + 1,
+                    step + 1
+                )));
             }
             let b = train.select(chunk)?;
             let out = state.step(&b, lr).map_err(|e| match e {
@@ -286,21 +343,41 @@ pub fn train_checkpointed(
             });
         }
         epochs_done = epoch + 1;
-        save(&Trained { learner: state.learner.clone(), refiner: state.refiner.clone(), config: cfg.clone(), epochs_done })?;
-        on_event(&TrainEvent::Epoch { epoch: epoch + 1, train_accuracy: correct as f32 / n as f32, mean_loss: loss_sum / n as f32 });
+        save(&Trained {
+            learner: state.learner.clone(),
+            refiner: state.refiner.clone(),
+            config: cfg.clone(),
+            epochs_done,
+        })?;
+        on_event(&TrainEvent::Epoch {
+            epoch: epoch + 1,
+            train_accuracy: correct as f32 / n as f32,
+            mean_loss: loss_sum / n as f32,
+        });
     }
-    Ok(Trained { learner: state.learner, refiner: state.refiner, config: cfg.clone(), epochs_done })
+    Ok(Trained {
+        learner: state.learner,
+        refiner: state.refiner,
+        config: cfg.clone(),
+        epochs_done,
+    })
 }
 
 /// Class features for `class_names` with a trained context (and refiner): normalised CoOp
 /// features `t` and, with a refiner, the refined features (computed once per class set).
-pub fn class_features(clip: &Clip, trained: &Trained, class_names: &[String]) -> Result<(Tensor, Option<Tensor>)> {
+pub fn class_features(
+    clip: &Clip,
+    trained: &Trained,
+    class_names: &[String],
+) -> Result<(Tensor, Option<Tensor>)> {
     let tok = ClipTokenizer::new();
     let mut opts = trained.config.coop.clone();
     opts.init = None;
     opts.n_ctx = trained.learner.n_ctx;
     if opts.class_specific && class_names.len() != trained.learner.num_classes() {
-        return Err(Error::Invalid("a class-specific context cannot be applied to other classes".into()));
+        return Err(Error::Invalid(
+            "a class-specific context cannot be applied to other classes".into(),
+        ));
     }
     let mut learner = PromptLearner::new(clip, &tok, class_names, &opts)?;
     learner.ctx = Var::from_tensor(&trained.learner.ctx.as_tensor().detach())?;
@@ -323,7 +400,11 @@ pub fn zero_shot_features(clip: &Clip, class_names: &[String]) -> Result<Tensor>
 /// Zero-shot class features from prompt templates (`{}` is replaced by the class name): the
 /// normalised features of each template averaged and re-normalised per class (CLIP's prompt
 /// ensembling).
-pub fn zero_shot_ensemble(clip: &Clip, class_names: &[String], templates: &[String]) -> Result<Tensor> {
+pub fn zero_shot_ensemble(
+    clip: &Clip,
+    class_names: &[String],
+    templates: &[String],
+) -> Result<Tensor> {
     if templates.is_empty() {
         return Err(Error::Invalid("no prompt templates".into()));
     }
@@ -332,9 +413,14 @@ pub fn zero_shot_ensemble(clip: &Clip, class_names: &[String], templates: &[Stri
     let mut sum: Option<Tensor> = None;
     for t in templates {
         if !t.contains("{}") {
-            return Err(Error::Invalid(format!("prompt template {t:?} has no {{}} for the class name")));
+            return Err(Error::Invalid(format!(
+                "prompt template {t:?} has no {{}} for the class name"
+            )));
         }
-        let ids: Vec<Vec<u32>> = class_names.iter().map(|c| tok.tokenize(&t.replace("{}", c), ctx)).collect();
+        let ids: Vec<Vec<u32>> = class_names
+            .iter()
+            .map(|c| tok.tokenize(&t.replace("{}", c), ctx))
+            .collect();
         let f = l2_normalize(&clip.text.forward_ids(&ids)?)?;
         sum = Some(match sum {
             None => f,
@@ -349,8 +435,17 @@ pub fn zero_shot_ensemble(clip: &Clip, class_names: &[String], templates: &[Stri
 
 /// Accuracy of `features` against class features `w` (`[C, d]`), labels in `0..C`.
 pub fn accuracy(features: &Features, w: &Tensor) -> Result<f32> {
-    let pred = features.image.matmul(&w.t()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-    Ok(pred.iter().zip(&features.labels).filter(|(p, y)| p == y).count() as f32 / features.len().max(1) as f32)
+    let pred = features
+        .image
+        .matmul(&w.t()?)?
+        .argmax(D::Minus1)?
+        .to_vec1::<u32>()?;
+    Ok(pred
+        .iter()
+        .zip(&features.labels)
+        .filter(|(p, y)| p == y)
+        .count() as f32
+        / features.len().max(1) as f32)
 }
 
 /// Harmonic mean of base and new accuracy.

@@ -11,7 +11,10 @@ pub fn temp_path(path: &Path) -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(".{name}.tmp{}-{n}", std::process::id()))
 }
@@ -47,7 +50,9 @@ fn write_temp(path: &Path, bytes: &[u8]) -> std::io::Result<std::path::PathBuf> 
         let mut f = std::fs::File::create(&tmp)?;
         if take_injected(path) {
             f.write_all(&bytes[..bytes.len() / 2])?;
-            return Err(std::io::Error::other("injected failure half way through the write"));
+            return Err(std::io::Error::other(
+                "injected failure half way through the write",
+            ));
         }
         f.write_all(bytes)?;
         f.sync_all()
@@ -95,13 +100,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Tensors as safetensors bytes.
-pub fn safetensors_bytes(path: &Path, tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<Vec<u8>> {
-    let views: Vec<(String, candle_core::Tensor)> = tensors.iter().map(|(k, v)| Ok((k.clone(), v.contiguous()?))).collect::<candle_core::Result<_>>()?;
+pub fn safetensors_bytes(
+    path: &Path,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<Vec<u8>> {
+    let views: Vec<(String, candle_core::Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
     safetensors::tensor::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| Error::weights(path, format!("cannot serialise: {e}")))
 }
 
 /// Save tensors as safetensors atomically (temporary file in the same folder, then rename).
-pub fn save_safetensors_atomic(path: &Path, tensors: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<()> {
+pub fn save_safetensors_atomic(
+    path: &Path,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
     write_atomic(path, &safetensors_bytes(path, tensors)?)
 }

@@ -25,17 +25,34 @@ use crate::clip::{l2_normalize, Clip, VisionOptions};
 /// Work for the model thread.
 #[derive(Debug, Clone)]
 pub enum Request {
-    LoadModel { spec: String },
+    LoadModel {
+        spec: String,
+    },
     /// Score each image against each text (zero-shot).
-    Score { images: Vec<PathBuf>, texts: Vec<String> },
+    Score {
+        images: Vec<PathBuf>,
+        texts: Vec<String>,
+    },
     /// Build the comparison views' data for a dataset (`world` or a folder): features from
     /// the feature bank, zero-shot CLIP, and CoOp and CoOp + TextRefiner trained on the spot.
-    Explore { data: String, shots: usize, seed: u64, test_per_class: Option<usize> },
+    Explore {
+        data: String,
+        shots: usize,
+        seed: u64,
+        test_per_class: Option<usize>,
+    },
     /// Train a run on the explored data in a background thread ("fine-tune"); `cancel` stops
     /// it at the next step. The checkpoint is saved under `save` when given.
-    Train { cfg: TrainConfig, name: String, cancel: Arc<AtomicBool>, save: Option<PathBuf> },
+    Train {
+        cfg: TrainConfig,
+        name: String,
+        cancel: Arc<AtomicBool>,
+        save: Option<PathBuf>,
+    },
     /// Add a checkpoint (ours or a reference run) to the comparison.
-    AddCheckpoint { path: PathBuf },
+    AddCheckpoint {
+        path: PathBuf,
+    },
 }
 
 /// A finished run.
@@ -73,16 +90,42 @@ pub struct ImageScore {
 /// What the worker reports. `id` is the request's id, so stale results can be dropped.
 #[derive(Debug)]
 pub enum Event {
-    Progress { id: u64, message: String },
-    ModelLoaded { id: u64, result: Result<ModelSummary, String> },
+    Progress {
+        id: u64,
+        message: String,
+    },
+    ModelLoaded {
+        id: u64,
+        result: Result<ModelSummary, String>,
+    },
     /// Per image: its score or the error that names the file.
-    Scored { id: u64, texts: Vec<String>, results: Vec<Result<ImageScore, String>> },
+    Scored {
+        id: u64,
+        texts: Vec<String>,
+        results: Vec<Result<ImageScore, String>>,
+    },
     /// Progress of a slow step as a fraction in 0..=1.
-    Fraction { id: u64, message: String, fraction: f32 },
-    Explored { id: u64, result: Result<Box<Exploration>, String> },
-    TrainStep { id: u64, event: TrainEvent },
-    TrainDone { id: u64, result: Result<TrainOutcome, String> },
-    MethodAdded { id: u64, result: Result<MethodFeatures, String> },
+    Fraction {
+        id: u64,
+        message: String,
+        fraction: f32,
+    },
+    Explored {
+        id: u64,
+        result: Result<Box<Exploration>, String>,
+    },
+    TrainStep {
+        id: u64,
+        event: TrainEvent,
+    },
+    TrainDone {
+        id: u64,
+        result: Result<TrainOutcome, String>,
+    },
+    MethodAdded {
+        id: u64,
+        result: Result<MethodFeatures, String>,
+    },
 }
 
 /// Handle to the worker thread.
@@ -98,96 +141,164 @@ impl Worker {
         let (tx, req_rx) = mpsc::channel::<(u64, Request)>();
         let (ev_tx, rx) = mpsc::channel::<Event>();
         let waker: Arc<dyn Fn() + Send + Sync> = Arc::new(waker);
-        let thread = std::thread::Builder::new().name("clip-worker".into()).spawn(move || {
-            let mut model: Option<Clip> = None;
-            let mut prepared: Option<Arc<Prepared>> = None;
-            let tok = ClipTokenizer::new();
-            let ev_tx2 = ev_tx.clone();
-            let waker2 = waker.clone();
-            let send = move |e: Event| {
-                let _ = ev_tx2.send(e);
-                waker2();
-            };
-            while let Ok((id, req)) = req_rx.recv() {
-                match req {
-                    Request::LoadModel { spec } => {
-                        send(Event::Progress { id, message: format!("loading {spec} ...") });
-                        let result = Clip::load(&spec, &Device::Cpu).map_err(|e| e.to_string()).map(|m| {
-                            let s = summary(&m);
-                            model = Some(m);
-                            s
-                        });
-                        send(Event::ModelLoaded { id, result });
-                    }
-                    Request::Score { images, texts } => {
-                        let Some(m) = model.as_ref() else {
-                            let results = images.iter().map(|_| Err("no model loaded".to_string())).collect();
-                            send(Event::Scored { id, texts, results });
-                            continue;
-                        };
-                        send(Event::Progress { id, message: format!("scoring {} images ...", images.len()) });
-                        let results = score(m, &tok, &images, &texts);
-                        send(Event::Scored { id, texts, results });
-                    }
-                    Request::Explore { data, shots, seed, test_per_class } => {
-                        let Some(m) = model.as_ref() else {
-                            send(Event::Explored { id, result: Err("no model loaded".into()) });
-                            continue;
-                        };
-                        let result = explore(m, &data, shots, seed, test_per_class, &mut |msg, f| {
-                            send(Event::Fraction { id, message: msg.to_string(), fraction: f })
-                        });
-                        match result {
-                            Ok((p, e)) => {
-                                prepared = Some(Arc::new(p));
-                                send(Event::Explored { id, result: Ok(Box::new(e)) });
-                            }
-                            Err(e) => send(Event::Explored { id, result: Err(e.to_string()) }),
+        let thread = std::thread::Builder::new()
+            .name("clip-worker".into())
+            .spawn(move || {
+                let mut model: Option<Clip> = None;
+                let mut prepared: Option<Arc<Prepared>> = None;
+                let tok = ClipTokenizer::new();
+                let ev_tx2 = ev_tx.clone();
+                let waker2 = waker.clone();
+                let send = move |e: Event| {
+                    let _ = ev_tx2.send(e);
+                    waker2();
+                };
+                while let Ok((id, req)) = req_rx.recv() {
+                    match req {
+                        Request::LoadModel { spec } => {
+                            send(Event::Progress {
+                                id,
+                                message: format!("loading {spec} ..."),
+                            });
+                            let result = Clip::load(&spec, &Device::Cpu)
+                                .map_err(|e| e.to_string())
+                                .map(|m| {
+                                    let s = summary(&m);
+                                    model = Some(m);
+                                    s
+                                });
+                            send(Event::ModelLoaded { id, result });
                         }
-                    }
-                    Request::Train { cfg, name, cancel, save } => {
-                        let (Some(m), Some(p)) = (model.clone(), prepared.clone()) else {
-                            send(Event::TrainDone { id, result: Err("open a model and a dataset first".into()) });
-                            continue;
-                        };
-                        let tx = ev_tx.clone();
-                        let wk = waker.clone();
-                        let spawned = std::thread::Builder::new().name("fine-tune".into()).spawn(move || {
-                            let emit = |e: Event| {
-                                let _ = tx.send(e);
-                                wk();
+                        Request::Score { images, texts } => {
+                            let Some(m) = model.as_ref() else {
+                                let results = images
+                                    .iter()
+                                    .map(|_| Err("no model loaded".to_string()))
+                                    .collect();
+                                send(Event::Scored { id, texts, results });
+                                continue;
                             };
-                            let result = crate::experiment::run(&m, &p, &cfg, &cancel, save.as_deref(), |e| {
-                                if let crate::experiment::Event::Train(ev) = e {
-                                    emit(Event::TrainStep { id, event: ev.clone() });
-                                }
-                            })
-                            .and_then(|(t, metrics)| {
-                                Ok(TrainOutcome { method: crate::explore::method_of(&m, &p, &t, &name)?, metrics: metrics.trained, checkpoint: save.clone() })
-                            })
-                            .map_err(|e| e.to_string());
-                            emit(Event::TrainDone { id, result });
-                        });
-                        if let Err(e) = spawned {
-                            send(Event::TrainDone { id, result: Err(format!("cannot start the training thread: {e}")) });
+                            send(Event::Progress {
+                                id,
+                                message: format!("scoring {} images ...", images.len()),
+                            });
+                            let results = score(m, &tok, &images, &texts);
+                            send(Event::Scored { id, texts, results });
                         }
-                    }
-                    Request::AddCheckpoint { path } => {
-                        let result = match (model.as_ref(), prepared.as_ref()) {
-                            (Some(m), Some(p)) => crate::commands::load_for(m, &path, p)
-                                .map_err(|e| format!("{e:#}"))
-                                .and_then(|t| {
-                                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-                                    crate::explore::method_of(m, p, &t, &name).map_err(|e| e.to_string())
+                        Request::Explore {
+                            data,
+                            shots,
+                            seed,
+                            test_per_class,
+                        } => {
+                            let Some(m) = model.as_ref() else {
+                                send(Event::Explored {
+                                    id,
+                                    result: Err("no model loaded".into()),
+                                });
+                                continue;
+                            };
+                            let result =
+                                explore(m, &data, shots, seed, test_per_class, &mut |msg, f| {
+                                    send(Event::Fraction {
+                                        id,
+                                        message: msg.to_string(),
+                                        fraction: f,
+                                    })
+                                });
+                            match result {
+                                Ok((p, e)) => {
+                                    prepared = Some(Arc::new(p));
+                                    send(Event::Explored {
+                                        id,
+                                        result: Ok(Box::new(e)),
+                                    });
+                                }
+                                Err(e) => send(Event::Explored {
+                                    id,
+                                    result: Err(e.to_string()),
                                 }),
-                            _ => Err("open a model and a dataset first".into()),
-                        };
-                        send(Event::MethodAdded { id, result });
+                            }
+                        }
+                        Request::Train {
+                            cfg,
+                            name,
+                            cancel,
+                            save,
+                        } => {
+                            let (Some(m), Some(p)) = (model.clone(), prepared.clone()) else {
+                                send(Event::TrainDone {
+                                    id,
+                                    result: Err("open a model and a dataset first".into()),
+                                });
+                                continue;
+                            };
+                            let tx = ev_tx.clone();
+                            let wk = waker.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("fine-tune".into())
+                                .spawn(move || {
+                                    let emit = |e: Event| {
+                                        let _ = tx.send(e);
+                                        wk();
+                                    };
+                                    let result = crate::experiment::run(
+                                        &m,
+                                        &p,
+                                        &cfg,
+                                        &cancel,
+                                        save.as_deref(),
+                                        |e| {
+                                            if let crate::experiment::Event::Train(ev) = e {
+                                                emit(Event::TrainStep {
+                                                    id,
+                                                    event: ev.clone(),
+                                                });
+                                            }
+                                        },
+                                    )
+                                    .and_then(|(t, metrics)| {
+                                        Ok(TrainOutcome {
+                                            method: crate::explore::method_of(&m, &p, &t, &name)?,
+                                            metrics: metrics.trained,
+                                            checkpoint: save.clone(),
+                                        })
+                                    })
+                                    .map_err(|e| e.to_string());
+                                    emit(Event::TrainDone { id, result });
+                                });
+                            if let Err(e) = spawned {
+                                send(Event::TrainDone {
+                                    id,
+                                    result: Err(format!("cannot start the training thread: {e}")),
+                                });
+                            }
+                        }
+                        Request::AddCheckpoint { path } => {
+                            let result = match (model.as_ref(), prepared.as_ref()) {
+                                (Some(m), Some(p)) => crate::commands::load_for(m, &path, p)
+                                    .map_err(|e| format!("{e:#}"))
+                                    .and_then(|t| {
+                                        let name = path
+                                            .file_name()
+                                            .map(|n| n.to_string_lossy().into_owned())
+                                            .unwrap_or_else(|| "checkpoint".into());
+                                        crate::explore::method_of(m, p, &t, &name)
+                                            .map_err(|e| e.to_string())
+                                    }),
+                                _ => Err("open a model and a dataset first".into()),
+                            };
+                            send(Event::MethodAdded { id, result });
+                        }
                     }
                 }
-            }
-        })?;
-        Ok(Self { tx: Some(tx), rx, next_id: 1, thread: Some(thread) })
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            rx,
+            next_id: 1,
+            thread: Some(thread),
+        })
     }
 
     /// Queue a request; returns its id.
@@ -231,11 +342,20 @@ fn summary(m: &Clip) -> ModelSummary {
     }
 }
 
-fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) -> Vec<Result<ImageScore, String>> {
+fn score(
+    m: &Clip,
+    tok: &ClipTokenizer,
+    images: &[PathBuf],
+    texts: &[String],
+) -> Vec<Result<ImageScore, String>> {
     let inner = || -> crate::Result<Vec<Result<ImageScore, String>>> {
         let ctx = m.config.text_config.max_position_embeddings;
         let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.tokenize(t, ctx)).collect();
-        let txt = if ids.is_empty() { None } else { Some(l2_normalize(&m.text.forward_ids(&ids)?)?) };
+        let txt = if ids.is_empty() {
+            None
+        } else {
+            Some(l2_normalize(&m.text.forward_ids(&ids)?)?)
+        };
         let size = m.image_size();
         let grid = m.config.vision_config.grid();
         let mut out = Vec::with_capacity(images.len());
@@ -256,7 +376,13 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
             };
             let probs = crate::clip::softmax_scaled(&cosine, m.logit_scale);
             let cls_attn = v.cls_attn.squeeze(0)?.to_vec1()?;
-            out.push(Ok(ImageScore { path: p.clone(), cosine, probs, cls_attn, grid }));
+            out.push(Ok(ImageScore {
+                path: p.clone(),
+                cosine,
+                probs,
+                cls_attn,
+                grid,
+            }));
         }
         Ok(out)
     };
@@ -266,17 +392,46 @@ fn score(m: &Clip, tok: &ClipTokenizer, images: &[PathBuf], texts: &[String]) ->
 /// The world drawn at the model's input size.
 
 /// Prepare data and build the exploration (with the default CoOp and CoOp + TextRefiner runs).
-fn explore(m: &Clip, data: &str, shots: usize, seed: u64, test_per_class: Option<usize>, report: &mut dyn FnMut(&str, f32)) -> crate::Result<(Prepared, Exploration)> {
-    let spec = crate::experiment::DataSpec { data: data.to_string(), shots, seed, views: 4, test_per_class };
+fn explore(
+    m: &Clip,
+    data: &str,
+    shots: usize,
+    seed: u64,
+    test_per_class: Option<usize>,
+    report: &mut dyn FnMut(&str, f32),
+) -> crate::Result<(Prepared, Exploration)> {
+    let spec = crate::experiment::DataSpec {
+        data: data.to_string(),
+        shots,
+        seed,
+        views: 4,
+        test_per_class,
+    };
     let bank = FeatureBank::at(FeatureBank::default_dir());
     let cancel = AtomicBool::new(false);
-    let p = crate::experiment::prepare(m, &bank, &spec, |e| {
-        if let crate::experiment::Event::Extract { what, progress } = e {
-            report(&format!("image features ({what}): {}/{}", progress.done, progress.total), progress.done as f32 / progress.total.max(1) as f32);
-        }
-    }, &cancel)?;
+    let p = crate::experiment::prepare(
+        m,
+        &bank,
+        &spec,
+        |e| {
+            if let crate::experiment::Event::Extract { what, progress } = e {
+                report(
+                    &format!(
+                        "image features ({what}): {}/{}",
+                        progress.done, progress.total
+                    ),
+                    progress.done as f32 / progress.total.max(1) as f32,
+                );
+            }
+        },
+        &cancel,
+    )?;
     let (coop, refined) = crate::explore::train_default_runs(m, &p, &cancel, report)?;
     report("building the views ...", 1.0);
-    let e = crate::explore::Builder { clip: m, prepared: &p }.build(&coop, &refined)?;
+    let e = crate::explore::Builder {
+        clip: m,
+        prepared: &p,
+    }
+    .build(&coop, &refined)?;
     Ok((p, e))
 }

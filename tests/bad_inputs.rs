@@ -26,24 +26,41 @@ fn load_err(path: &Path) -> String {
 #[test]
 fn missing_folder() {
     let e = load_err(Path::new("/nonexistent/model/folder"));
-    assert!(e.contains("/nonexistent/model/folder") && e.contains("no such folder"), "{e}");
+    assert!(
+        e.contains("/nonexistent/model/folder") && e.contains("no such folder"),
+        "{e}"
+    );
 }
 
 #[test]
 fn folder_without_weights() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("clip/hf/config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("clip/hf/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains(&dir.path().display().to_string()) && e.contains("no CLIP weights"), "{e}");
+    assert!(
+        e.contains(&dir.path().display().to_string()) && e.contains("no CLIP weights"),
+        "{e}"
+    );
     assert!(e.contains("config.json"), "lists what it found: {e}");
 }
 
 #[test]
 fn hf_weights_without_config() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("clip/hf/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixtures().join("clip/hf/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("config.json") && e.contains(&dir.path().display().to_string()), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains(&dir.path().display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -55,7 +72,10 @@ fn config_that_does_not_match_weights() {
     let cfg = cfg.replace("\"hidden_size\": 36", "\"hidden_size\": 48");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("shape mismatch"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("shape mismatch"),
+        "{e}"
+    );
     assert!(e.contains("do not fit the config"), "{e}");
 }
 
@@ -63,11 +83,15 @@ fn config_that_does_not_match_weights() {
 fn missing_keys() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("clip/hf"), dir.path());
-    let mut ts = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut ts =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     ts.remove("text_model.final_layer_norm.weight");
     candle_core::safetensors::save(&ts, dir.path().join("model.safetensors")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("text_model.final_layer_norm.weight"), "names the missing key: {e}");
+    assert!(
+        e.contains("text_model.final_layer_norm.weight"),
+        "names the missing key: {e}"
+    );
 }
 
 #[test]
@@ -75,7 +99,11 @@ fn wrong_model_type() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("clip/hf"), dir.path());
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), cfg.replace("\"model_type\": \"clip\"", "\"model_type\": \"siglip\"")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"model_type\": \"clip\"", "\"model_type\": \"siglip\""),
+    )
+    .unwrap();
     let e = load_err(dir.path());
     assert!(e.contains("config.json") && e.contains("siglip"), "{e}");
 }
@@ -84,12 +112,21 @@ fn wrong_model_type() {
 fn resnet_clip_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut ts = std::collections::HashMap::new();
-    ts.insert("visual.layer1.0.conv1.weight".to_string(), candle_core::Tensor::zeros((4, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap());
-    ts.insert("token_embedding.weight".to_string(), candle_core::Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
+    ts.insert(
+        "visual.layer1.0.conv1.weight".to_string(),
+        candle_core::Tensor::zeros((4, 4, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    ts.insert(
+        "token_embedding.weight".to_string(),
+        candle_core::Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     let f = dir.path().join("rn50.safetensors");
     candle_core::safetensors::save(&ts, &f).unwrap();
     let e = load_err(&f);
-    assert!(e.contains("ResNet") && e.contains("rn50.safetensors"), "{e}");
+    assert!(
+        e.contains("ResNet") && e.contains("rn50.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -100,7 +137,10 @@ fn truncated_and_corrupt_safetensors() {
     let bytes = std::fs::read(&w).unwrap();
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
 
     let mut garbage = bytes.clone();
     for b in garbage.iter_mut().take(64) {
@@ -108,7 +148,10 @@ fn truncated_and_corrupt_safetensors() {
     }
     std::fs::write(&w, &garbage).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
 
     std::fs::write(&w, b"").unwrap();
     let e = load_err(dir.path());
@@ -163,7 +206,10 @@ fn bad_images() {
     let text = dir.path().join("notes.png");
     std::fs::write(&text, b"this is not an image, just some text\n").unwrap();
     let e = image_err(&text);
-    assert!(e.contains("notes.png") && e.contains("not a recognised image format"), "{e}");
+    assert!(
+        e.contains("notes.png") && e.contains("not a recognised image format"),
+        "{e}"
+    );
 
     let missing = dir.path().join("missing.png");
     let e = image_err(&missing);
@@ -185,7 +231,11 @@ fn huge_declared_image_is_refused() {
         for &b in bytes {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -196,11 +246,18 @@ fn huge_declared_image_is_refused() {
     ihdr.extend_from_slice(&100_000u32.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     chunk(&mut png, b"IHDR", &ihdr);
-    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
     chunk(&mut png, b"IEND", &[]);
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("huge.png");
     std::fs::write(&p, &png).unwrap();
     let e = image_err(&p);
-    assert!(e.contains("huge.png") && (e.contains("100000") || e.contains("limit")), "{e}");
+    assert!(
+        e.contains("huge.png") && (e.contains("100000") || e.contains("limit")),
+        "{e}"
+    );
 }

@@ -15,8 +15,22 @@ fn trained() -> (Clip, textrefiner_explorer::train::Trained, Vec<String>) {
     let base = Dataset::world(1, 64, 5).subset(Subset::Base);
     let names = base.class_names.clone();
     let (items, _) = base.few_shot(2, 3).unwrap();
-    let f = extract(&clip, &FeatureBank::none(), &base, &items, Views::Eval, |_| {}, &AtomicBool::new(false)).unwrap();
-    let cfg = TrainConfig { method: Method::CoopRefiner, epochs: 2, warmup_epochs: 0, ..Default::default() };
+    let f = extract(
+        &clip,
+        &FeatureBank::none(),
+        &base,
+        &items,
+        Views::Eval,
+        |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        method: Method::CoopRefiner,
+        epochs: 2,
+        warmup_epochs: 0,
+        ..Default::default()
+    };
     let t = train(&clip, &names, &f, &cfg, &AtomicBool::new(false), |_| {}).unwrap();
     (clip, t, names)
 }
@@ -33,11 +47,29 @@ fn round_trip_gives_identical_features() {
     assert_eq!(meta.metrics["base"], 0.5);
     let (a_t, a_r) = class_features(&clip, &t, &names).unwrap();
     let (b_t, b_r) = class_features(&clip, &back, &names).unwrap();
-    let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     assert!(diff(&a_t, &b_t) < 1e-6);
     assert!(diff(&a_r.unwrap(), &b_r.unwrap()) < 1e-6);
     let r = back.refiner.unwrap();
-    assert_eq!(r.transform.running_mean.to_vec1::<f32>().unwrap(), t.refiner.as_ref().unwrap().transform.running_mean.to_vec1::<f32>().unwrap());
+    assert_eq!(
+        r.transform.running_mean.to_vec1::<f32>().unwrap(),
+        t.refiner
+            .as_ref()
+            .unwrap()
+            .transform
+            .running_mean
+            .to_vec1::<f32>()
+            .unwrap()
+    );
 }
 
 #[test]
@@ -47,9 +79,20 @@ fn checkpoint_of_another_model_size_is_explained() {
     let stem = dir.path().join("run");
     checkpoint::save(&stem, &clip, &t, serde_json::Value::Null).unwrap();
     // the tiny HF fixture has a 20-d joint space and a 30-wide text tower, the embedded 64/64
-    let other = Clip::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip/hf"), &Device::Cpu).unwrap();
-    let err = checkpoint::load(&stem, &other, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("run.safetensors") && err.contains("ctx has shape [4, 64]") && err.contains("another CLIP"), "{err}");
+    let other = Clip::load(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/clip/hf"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let err = checkpoint::load(&stem, &other, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("run.safetensors")
+            && err.contains("ctx has shape [4, 64]")
+            && err.contains("another CLIP"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -65,27 +108,60 @@ fn corrupt_checkpoint_and_failed_write() {
     let json_before = std::fs::read(stem.with_extension("json")).unwrap();
     for failing in ["safetensors", "json"] {
         textrefiner_explorer::util::inject_write_failure(&stem.with_extension(failing));
-        let err = checkpoint::save(&stem, &clip, &t, serde_json::json!({"second": true})).unwrap_err().to_string();
-        assert!(err.contains(&format!("good.{failing}")) && err.contains("half way"), "{err}");
-        assert_eq!(std::fs::read(stem.with_extension("safetensors")).unwrap(), before, "previous tensors survive");
-        assert_eq!(std::fs::read(stem.with_extension("json")).unwrap(), json_before, "previous description survives");
+        let err = checkpoint::save(&stem, &clip, &t, serde_json::json!({"second": true}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("good.{failing}")) && err.contains("half way"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(stem.with_extension("safetensors")).unwrap(),
+            before,
+            "previous tensors survive"
+        );
+        assert_eq!(
+            std::fs::read(stem.with_extension("json")).unwrap(),
+            json_before,
+            "previous description survives"
+        );
         assert!(checkpoint::load(&stem, &clip, &Device::Cpu).is_ok());
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
         assert!(leftovers.is_empty(), "temporary files are removed");
     }
     // a tensors file that does not belong to its description is refused
     let other = dir.path().join("other");
     checkpoint::save(&other, &clip, &t, serde_json::json!({"other": 1})).unwrap();
-    let mut ts = candle_core::safetensors::load(stem.with_extension("safetensors"), &Device::Cpu).unwrap();
+    let mut ts =
+        candle_core::safetensors::load(stem.with_extension("safetensors"), &Device::Cpu).unwrap();
     let ctx = (ts["ctx"].clone() + 1.0).unwrap();
     ts.insert("ctx".into(), ctx);
-    textrefiner_explorer::util::save_safetensors_atomic(&other.with_extension("safetensors"), &ts).unwrap();
-    let err = checkpoint::load(&other, &clip, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("other.safetensors") && err.contains("does not belong"), "{err}");
+    textrefiner_explorer::util::save_safetensors_atomic(&other.with_extension("safetensors"), &ts)
+        .unwrap();
+    let err = checkpoint::load(&other, &clip, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("other.safetensors") && err.contains("does not belong"),
+        "{err}"
+    );
 
     let bad = dir.path().join("bad");
     std::fs::copy(stem.with_extension("json"), bad.with_extension("json")).unwrap();
-    std::fs::write(bad.with_extension("safetensors"), &before[..before.len() / 2]).unwrap();
-    let err = checkpoint::load(&bad, &clip, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("bad.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    std::fs::write(
+        bad.with_extension("safetensors"),
+        &before[..before.len() / 2],
+    )
+    .unwrap();
+    let err = checkpoint::load(&bad, &clip, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
 }

@@ -29,8 +29,15 @@ fn explore_world_what_if_and_training_job() {
     // SAFETY: set before any thread of this test binary reads it.
     unsafe { std::env::set_var("TEXTREFINER_CACHE", dir.path()) };
     let mut w = Worker::spawn(|| {}).unwrap();
-    w.send(Request::LoadModel { spec: "embedded".into() });
-    w.send(Request::Explore { data: "world".into(), shots: 4, seed: 1, test_per_class: Some(3) });
+    w.send(Request::LoadModel {
+        spec: "embedded".into(),
+    });
+    w.send(Request::Explore {
+        data: "world".into(),
+        shots: 4,
+        seed: 1,
+        test_per_class: Some(3),
+    });
     let mut fractions = 0;
     let e: Box<Exploration> = wait(&w, |ev| match ev {
         Event::Fraction { .. } => {
@@ -53,11 +60,23 @@ fn explore_world_what_if_and_training_job() {
     let r = e.refiner.as_ref().unwrap();
     for s in [Subset::Base, Subset::New] {
         let again = e.refined_with(s, r.alpha, &all);
-        let own = if s == Subset::Base { &e.methods[REFINED].base } else { &e.methods[REFINED].new };
-        let diff = again.iter().zip(own).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let own = if s == Subset::Base {
+            &e.methods[REFINED].base
+        } else {
+            &e.methods[REFINED].new
+        };
+        let diff = again
+            .iter()
+            .zip(own)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-4, "{s:?}: {diff}");
         // alpha 0 leaves the CoOp features of the refined run's context
-        let t = if s == Subset::Base { &r.t_base } else { &r.t_new };
+        let t = if s == Subset::Base {
+            &r.t_base
+        } else {
+            &r.t_new
+        };
         assert_eq!(&e.refined_with(s, 0.0, &all), t);
     }
     // read weights are a distribution over the enabled entries
@@ -78,8 +97,17 @@ fn explore_world_what_if_and_training_job() {
 
     // a training job: steps arrive, cancel stops it with a message
     let cancel = Arc::new(AtomicBool::new(false));
-    let cfg = TrainConfig { method: Method::CoopRefiner, epochs: 50, ..Default::default() };
-    w.send(Request::Train { cfg, name: "run".into(), cancel: cancel.clone(), save: None });
+    let cfg = TrainConfig {
+        method: Method::CoopRefiner,
+        epochs: 50,
+        ..Default::default()
+    };
+    w.send(Request::Train {
+        cfg,
+        name: "run".into(),
+        cancel: cancel.clone(),
+        save: None,
+    });
     let mut steps = 0;
     let err = wait(&w, |ev| match ev {
         Event::TrainStep { .. } => {
@@ -95,8 +123,17 @@ fn explore_world_what_if_and_training_job() {
     assert!(err.contains("cancelled"), "{err}");
     // a short job finishes, saves its checkpoint and comes back as a method
     let stem = dir.path().join("runs/short");
-    let cfg = TrainConfig { method: Method::Coop, epochs: 2, ..Default::default() };
-    w.send(Request::Train { cfg, name: "short".into(), cancel: Arc::new(AtomicBool::new(false)), save: Some(stem.clone()) });
+    let cfg = TrainConfig {
+        method: Method::Coop,
+        epochs: 2,
+        ..Default::default()
+    };
+    w.send(Request::Train {
+        cfg,
+        name: "short".into(),
+        cancel: Arc::new(AtomicBool::new(false)),
+        save: Some(stem.clone()),
+    });
     let out = wait(&w, |ev| match ev {
         Event::TrainDone { result, .. } => Some(result.unwrap()),
         _ => None,
@@ -110,7 +147,9 @@ fn explore_world_what_if_and_training_job() {
         _ => None,
     });
     assert_eq!(added.unwrap().name, "short");
-    w.send(Request::AddCheckpoint { path: dir.path().join("nope") });
+    w.send(Request::AddCheckpoint {
+        path: dir.path().join("nope"),
+    });
     let bad = wait(&w, |ev| match ev {
         Event::MethodAdded { result, .. } => Some(result),
         _ => None,

@@ -15,7 +15,12 @@ use textrefiner_explorer::eval::Flip;
 
 fn harness() -> Harness<'static, ExplorerApp> {
     // SAFETY: set before the app's threads start.
-    unsafe { std::env::set_var("TEXTREFINER_CACHE", std::env::temp_dir().join(format!("textrefiner-gui-test-{}", std::process::id()))) };
+    unsafe {
+        std::env::set_var(
+            "TEXTREFINER_CACHE",
+            std::env::temp_dir().join(format!("textrefiner-gui-test-{}", std::process::id())),
+        )
+    };
     Harness::builder()
         .with_size(egui::vec2(1280.0, 800.0))
         .wgpu()
@@ -27,10 +32,17 @@ fn harness() -> Harness<'static, ExplorerApp> {
 }
 
 /// Step the UI until `done` holds (background work repaints), or fail after a while.
-fn step_until(h: &mut Harness<'static, ExplorerApp>, what: &str, done: impl Fn(&ExplorerApp) -> bool) {
+fn step_until(
+    h: &mut Harness<'static, ExplorerApp>,
+    what: &str,
+    done: impl Fn(&ExplorerApp) -> bool,
+) {
     let t0 = Instant::now();
     while !done(h.state()) {
-        assert!(t0.elapsed() < Duration::from_secs(240), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "timed out waiting for {what}"
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -40,7 +52,10 @@ fn step_until(h: &mut Harness<'static, ExplorerApp>, what: &str, done: impl Fn(&
 #[test]
 fn click_through_the_explorer() {
     let mut h = harness();
-    assert!(h.state().gpu_heatmaps, "the wgpu harness gives the app its renderer");
+    assert!(
+        h.state().gpu_heatmaps,
+        "the wgpu harness gives the app its renderer"
+    );
     step_until(&mut h, "the demo world", |a| a.explore.is_some());
     {
         let e = h.state().explore.as_ref().unwrap();
@@ -59,7 +74,9 @@ fn click_through_the_explorer() {
     {
         let a = h.state();
         let e = a.explore.as_ref().unwrap();
-        assert!(fixed.iter().all(|&i| e.flip(a.compare.0, a.compare.1, i).0 == Flip::Fixed));
+        assert!(fixed
+            .iter()
+            .all(|&i| e.flip(a.compare.0, a.compare.1, i).0 == Flip::Fixed));
     }
     h.get_by_label("any change").click();
     h.get_by_label("new").click();
@@ -74,13 +91,20 @@ fn click_through_the_explorer() {
     assert_eq!(h.state().gallery.selected, Some(first));
     h.key_press(egui::Key::ArrowRight);
     h.run_steps(2);
-    assert_eq!(h.state().gallery.selected, Some(h.state().visible_images()[1]));
+    assert_eq!(
+        h.state().gallery.selected,
+        Some(h.state().visible_images()[1])
+    );
 
     // the new images that CoOp + TextRefiner fixed (few, so that the snapshots stay small)
     h.get_by_label("fixed").click();
     h.run_steps(2);
     let fixed_new = h.state().visible_images();
-    assert!(!fixed_new.is_empty() && fixed_new.len() < 50, "{}", fixed_new.len());
+    assert!(
+        !fixed_new.is_empty() && fixed_new.len() < 50,
+        "{}",
+        fixed_new.len()
+    );
     h.state_mut().gallery.selected = Some(fixed_new[0]);
     h.run_steps(2);
 
@@ -88,13 +112,20 @@ fn click_through_the_explorer() {
     assert_eq!(h.state().heat.mode, HeatMode::ClsAttention);
     let sel = h.state().gallery.selected.unwrap();
     let (_, _, _, _, outlined) = h.state().heat_values(sel).unwrap();
-    assert_eq!(outlined.len(), 5, "the semantic loss's five patches are outlined");
+    assert_eq!(
+        outlined.len(),
+        5,
+        "the semantic loss's five patches are outlined"
+    );
     h.get_by_label("Patch-to-cache").click();
     h.run_steps(2);
     assert_eq!(h.state().heat.mode, HeatMode::CacheEntry);
     let (vals, lo, hi, _, _) = h.state().heat_values(sel).unwrap();
     assert_eq!(vals.len(), 64);
-    assert!(lo < hi && hi <= 1.0 + 1e-5 && lo >= -1.0 - 1e-5, "cosines: {lo} {hi}");
+    assert!(
+        lo < hi && hi <= 1.0 + 1e-5 && lo >= -1.0 - 1e-5,
+        "cosines: {lo} {hi}"
+    );
     h.snapshot("inspector_patch_to_cache");
     h.get_by_label("Class map").click();
     h.run_steps(2);
@@ -116,7 +147,9 @@ fn click_through_the_explorer() {
         let e = a.explore.as_ref().unwrap();
         let v = a.visible_images();
         assert!(!v.is_empty());
-        assert!(v.iter().all(|&i| e.images[i].label == 0 && e.images[i].subset == Subset::Base && e.predict(a.compare.1, i) == 1));
+        assert!(v.iter().all(|&i| e.images[i].label == 0
+            && e.images[i].subset == Subset::Base
+            && e.predict(a.compare.1, i) == 1));
         assert_eq!(v.len() as u32, e.confusion(a.compare.1, Subset::Base)[0][1]);
     }
 
@@ -143,13 +176,25 @@ fn click_through_the_explorer() {
     h.get_by_label("Start").click();
     h.run_steps(1);
     assert!(h.state().job.as_ref().map(|j| j.running).unwrap_or(false));
-    step_until(&mut h, "training steps", |a| a.job.as_ref().map(|j| j.steps.len() >= 3).unwrap_or(false));
+    step_until(&mut h, "training steps", |a| {
+        a.job.as_ref().map(|j| j.steps.len() >= 3).unwrap_or(false)
+    });
     h.get_by_label("Cancel").click();
-    step_until(&mut h, "the cancelled run", |a| a.job.as_ref().map(|j| !j.running).unwrap_or(false));
+    step_until(&mut h, "the cancelled run", |a| {
+        a.job.as_ref().map(|j| !j.running).unwrap_or(false)
+    });
     let status = h.state().job.as_ref().unwrap().status.clone();
     assert!(status.contains("cancelled"), "{status}");
-    assert!(h.state().notifications.is_empty(), "{:?}", h.state().notifications);
-    assert_eq!(h.state().explore.as_ref().unwrap().methods.len(), 3, "a cancelled run is not added");
+    assert!(
+        h.state().notifications.is_empty(),
+        "{:?}",
+        h.state().notifications
+    );
+    assert_eq!(
+        h.state().explore.as_ref().unwrap().methods.len(),
+        3,
+        "a cancelled run is not added"
+    );
 }
 
 #[test]
@@ -159,10 +204,46 @@ fn a_bad_model_is_one_notification_and_the_app_keeps_working() {
     h.state_mut().load_model("/nonexistent/model-folder".into());
     step_until(&mut h, "the load error", |a| !a.notifications.is_empty());
     assert_eq!(h.state().notifications.len(), 1);
-    assert!(h.state().notifications[0].contains("/nonexistent/model-folder"), "{:?}", h.state().notifications);
+    assert!(
+        h.state().notifications[0].contains("/nonexistent/model-folder"),
+        "{:?}",
+        h.state().notifications
+    );
     // the comparison is still there and the UI still responds
     h.get_by_label("Metrics").click();
     h.run_steps(2);
     assert_eq!(h.state().tab, Tab::Metrics);
     assert!(h.state().explore.is_some());
+}
+
+/// A measurement, not a check (run it with `--ignored --nocapture`): the time of one inspector
+/// frame with a heatmap on cached features, UI logic and the wgpu render separately, on the
+/// software adapter. BENCHMARKS.md records the figures.
+#[test]
+#[ignore]
+fn frame_time_of_the_inspector_with_a_heatmap() {
+    let mut h = harness();
+    step_until(&mut h, "the demo world", |a| a.explore.is_some());
+    h.state_mut().gallery.selected = Some(0);
+    h.run_steps(2);
+    h.get_by_label("Patch-to-cache").click();
+    h.run_steps(3);
+    let n = 60;
+    let mut ui_ms = Vec::new();
+    let mut render_ms = Vec::new();
+    for k in 0..n {
+        // change what the heatmap shows every frame, as dragging the entry slider does
+        h.state_mut().heat.entry = k % 25;
+        let t0 = Instant::now();
+        h.step();
+        ui_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let t1 = Instant::now();
+        let _ = h.render().expect("render");
+        render_ms.push(t1.elapsed().as_secs_f64() * 1000.0);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("inspector frame with a heatmap: UI logic {:.2} ms, render (wgpu, software adapter, readback included) {:.2} ms (medians of {n})", med(ui_ms), med(render_ms));
 }

@@ -16,9 +16,15 @@ fn eval_transform_matches_torchvision() {
         let img = load_rgb(&dir.join(format!("{name}.jpg"))).unwrap();
         for size in [224u32, 96] {
             let ours = normalize_chw(&eval_view(&img, size));
-            let reference = normalize_chw(&load_rgb(&dir.join(format!("{name}_{size}_ref.png"))).unwrap());
+            let reference =
+                normalize_chw(&load_rgb(&dir.join(format!("{name}_{size}_ref.png"))).unwrap());
             assert_eq!(ours.len(), reference.len());
-            let mad = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+            let mad = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+                / ours.len() as f32;
             println!("{name} {size}px: mean |ours - torchvision| = {mad:.5} (normalised units)");
             worst = worst.max(mad);
             assert!(mad <= 0.02, "{name} {size}: mean absolute difference {mad}");

@@ -13,11 +13,26 @@ use textrefiner_explorer::refiner::{losses, LocalCache, LocalTransform, Refiner,
 const TOL: f32 = 1e-5;
 
 fn check(name: &str, a: &Tensor, b: &Tensor) {
-    let norm = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let norm = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     if norm < 1e-5 {
         // Exactly zero in theory (e.g. the bias before a training-mode BatchNorm): compare
         // absolutely, as both sides hold rounding noise only.
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         println!("{name:<22} max abs {diff:.2e} (reference norm {norm:.1e})");
         assert!(diff <= 1e-6, "{name}: max abs difference {diff}");
         return;
@@ -31,9 +46,20 @@ fn check(name: &str, a: &Tensor, b: &Tensor) {
 fn textrefiner_matches_reference() {
     let g = golden("refiner/golden.safetensors");
     let clip = Clip::load(fixtures().join("clip/hf").to_str().unwrap(), &Device::Cpu).unwrap();
-    let eot: Vec<usize> = g["eot"].to_vec1::<i64>().unwrap().iter().map(|&x| x as usize).collect();
+    let eot: Vec<usize> = g["eot"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as usize)
+        .collect();
     let names: Vec<String> = (0..eot.len()).map(|i| format!("class {i}")).collect();
-    let learner = PromptLearner::from_parts(Var::from_tensor(&g["ctx"]).unwrap(), g["token_embeds"].clone(), eot, 4, names);
+    let learner = PromptLearner::from_parts(
+        Var::from_tensor(&g["ctx"]).unwrap(),
+        g["token_embeds"].clone(),
+        eot,
+        4,
+        names,
+    );
     let t = l2_normalize(&learner.text_features(&clip).unwrap()).unwrap();
     check("text features", &t, &g["t"]);
 
@@ -60,9 +86,15 @@ fn textrefiner_matches_reference() {
 
     let (b, n, d) = g["local"].dims3().unwrap();
     // the fused training path (what `train` runs)
-    let trans = transform.forward_train_normalized(&g["local"].reshape((b * n, d)).unwrap()).unwrap();
+    let trans = transform
+        .forward_train_normalized(&g["local"].reshape((b * n, d)).unwrap())
+        .unwrap();
     let trans = trans.reshape((b, n, d)).unwrap();
-    check("BN running mean", &transform.running_mean, &g["running_mean1"]);
+    check(
+        "BN running mean",
+        &transform.running_mean,
+        &g["running_mean1"],
+    );
     check("BN running var", &transform.running_var, &g["running_var1"]);
     let img = l2_normalize(&g["img_embeds"]).unwrap();
     let labels = g["labels"].to_dtype(candle_core::DType::U32).unwrap();
@@ -74,8 +106,16 @@ fn textrefiner_matches_reference() {
     check("total loss", &l.total, &g["loss"]);
 
     let grads = l.total.backward().unwrap();
-    check("grad ctx", grads.get(learner.ctx.as_tensor()).unwrap(), &g["grad_ctx"]);
-    check("grad extractor", grads.get(refiner.extractor.as_tensor()).unwrap(), &g["grad_extractor"]);
+    check(
+        "grad ctx",
+        grads.get(learner.ctx.as_tensor()).unwrap(),
+        &g["grad_ctx"],
+    );
+    check(
+        "grad extractor",
+        grads.get(refiner.extractor.as_tensor()).unwrap(),
+        &g["grad_extractor"],
+    );
     for (name, v) in [
         ("w1", &transform.w1),
         ("b1", &transform.b1),
@@ -84,17 +124,31 @@ fn textrefiner_matches_reference() {
         ("w2", &transform.w2),
         ("b2", &transform.b2),
     ] {
-        check(&format!("grad local {name}"), grads.get(v.as_tensor()).unwrap(), &g[&format!("grad_lt_{name}")]);
+        check(
+            &format!("grad local {name}"),
+            grads.get(v.as_tensor()).unwrap(),
+            &g[&format!("grad_lt_{name}")],
+        );
     }
 
-    let eval = transform.forward(&g["local"].reshape((b * n, d)).unwrap(), false).unwrap();
-    check("transform (eval)", &l2_normalize(&eval).unwrap(), &g["trans_eval"]);
+    let eval = transform
+        .forward(&g["local"].reshape((b * n, d)).unwrap(), false)
+        .unwrap();
+    check(
+        "transform (eval)",
+        &l2_normalize(&eval).unwrap(),
+        &g["trans_eval"],
+    );
 
     let mut cache = LocalCache::from_memory(g["cache0"].clone());
     let tokens = trans.detach().reshape((b * n, d)).unwrap();
     for k in 0..3 {
         let shifted = l2_normalize(&(&tokens + 0.3 * k as f64).unwrap()).unwrap();
         cache.write(&shifted).unwrap();
-        check(&format!("cache after write {}", k + 1), &cache.memory, &g[&format!("cache{}", k + 1)]);
+        check(
+            &format!("cache after write {}", k + 1),
+            &cache.memory,
+            &g[&format!("cache{}", k + 1)],
+        );
     }
 }

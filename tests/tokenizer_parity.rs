@@ -27,12 +27,27 @@ fn matches_openai_simple_tokenizer() {
         checked += 1;
         let ids = tok.tokenize(&c.text, CONTEXT_LENGTH);
         if ids != c.ids {
-            failures.push(format!("{:?}\n  ours {:?}\n  ref  {:?}", c.text, ids, c.ids));
+            failures.push(format!(
+                "{:?}\n  ours {:?}\n  ref  {:?}",
+                c.text, ids, c.ids
+            ));
         }
     }
-    println!("{checked} strings identical to OpenAI's tokenizer; {skipped} mojibake strings skipped");
+    println!(
+        "{checked} strings identical to OpenAI's tokenizer; {skipped} mojibake strings skipped"
+    );
     assert!(checked >= 1000, "only {checked} cases");
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[test]
@@ -47,5 +62,8 @@ fn start_end_and_truncation() {
     assert_eq!(ids.len(), 77);
     assert_eq!(ids[76], EOT);
     assert_eq!(tok.tokenize_padded("cat", 16).len(), 16);
-    assert_eq!(tok.decode(&tok.tokenize("a photo of a cat.", 77)).trim(), "a photo of a cat .");
+    assert_eq!(
+        tok.decode(&tok.tokenize("a photo of a cat.", 77)).trim(),
+        "a photo of a cat ."
+    );
 }

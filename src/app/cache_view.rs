@@ -36,7 +36,9 @@ impl ExplorerApp {
         let mut changed = false;
         ui.horizontal(|ui| {
             ui.strong("What-if:");
-            changed |= ui.add(egui::Slider::new(&mut self.whatif.alpha, 0.0..=1.0).text("alpha")).changed();
+            changed |= ui
+                .add(egui::Slider::new(&mut self.whatif.alpha, 0.0..=1.0).text("alpha"))
+                .changed();
             if ui.button("All entries on").clicked() {
                 self.whatif.enabled.iter_mut().for_each(|x| *x = true);
                 changed = true;
@@ -48,7 +50,9 @@ impl ExplorerApp {
         ui.horizontal_wrapped(|ui| {
             ui.label("entries:");
             for k in 0..m {
-                changed |= ui.checkbox(&mut self.whatif.enabled[k], format!("{k}")).changed();
+                changed |= ui
+                    .checkbox(&mut self.whatif.enabled[k], format!("{k}"))
+                    .changed();
             }
         });
         if changed {
@@ -71,15 +75,26 @@ impl ExplorerApp {
                 let w = e.read_weights(s, &self.whatif.enabled);
                 let c = names.len();
                 let cell = ((ui.available_width() - 10.0) / m as f32).clamp(4.0, 18.0);
-                ui.weak(if s == Subset::Base { "base classes" } else { "new classes" });
-                let (rect, resp) = ui.allocate_exact_size(egui::vec2(cell * m as f32, cell * c as f32), egui::Sense::hover());
+                ui.weak(if s == Subset::Base {
+                    "base classes"
+                } else {
+                    "new classes"
+                });
+                let (rect, resp) = ui.allocate_exact_size(
+                    egui::vec2(cell * m as f32, cell * c as f32),
+                    egui::Sense::hover(),
+                );
                 let max = w.iter().cloned().fold(f32::MIN, f32::max);
                 let min = w.iter().cloned().fold(f32::MAX, f32::min);
                 let p = ui.painter_at(rect);
                 for i in 0..c {
                     for k in 0..m {
-                        let [r, g, b] = Colormap::Viridis.sample_u8((w[i * m + k] - min) / (max - min).max(1e-9));
-                        let cr = egui::Rect::from_min_size(rect.min + egui::vec2(k as f32 * cell, i as f32 * cell), egui::vec2(cell, cell));
+                        let [r, g, b] = Colormap::Viridis
+                            .sample_u8((w[i * m + k] - min) / (max - min).max(1e-9));
+                        let cr = egui::Rect::from_min_size(
+                            rect.min + egui::vec2(k as f32 * cell, i as f32 * cell),
+                            egui::vec2(cell, cell),
+                        );
                         p.rect_filled(cr, 0.0, egui::Color32::from_rgb(r, g, b));
                     }
                 }
@@ -106,14 +121,26 @@ impl ExplorerApp {
             let g = e.grid;
             ui.horizontal_wrapped(|ui| {
                 for (i, p, v) in top {
-                    let Some(t) = self.gallery.textures.get(i) else { continue };
+                    let Some(t) = self.gallery.textures.get(i) else {
+                        continue;
+                    };
                     let (r, c) = (p / g, p % g);
                     // a 3 x 3 patch neighbourhood around the patch, from the image texture
                     let (r0, c0) = (r.saturating_sub(1), c.saturating_sub(1));
                     let (r1, c1) = ((r + 2).min(g), (c + 2).min(g));
-                    let uv = egui::Rect::from_min_max(egui::pos2(c0 as f32 / g as f32, r0 as f32 / g as f32), egui::pos2(c1 as f32 / g as f32, r1 as f32 / g as f32));
-                    let resp = ui.add(egui::Image::new((t.id(), egui::vec2(64.0, 64.0))).uv(uv).sense(egui::Sense::click()));
-                    let resp = resp.on_hover_text(format!("{}\npatch ({r}, {c}) cosine {v:.3}", e.images[i].name));
+                    let uv = egui::Rect::from_min_max(
+                        egui::pos2(c0 as f32 / g as f32, r0 as f32 / g as f32),
+                        egui::pos2(c1 as f32 / g as f32, r1 as f32 / g as f32),
+                    );
+                    let resp = ui.add(
+                        egui::Image::new((t.id(), egui::vec2(64.0, 64.0)))
+                            .uv(uv)
+                            .sense(egui::Sense::click()),
+                    );
+                    let resp = resp.on_hover_text(format!(
+                        "{}\npatch ({r}, {c}) cosine {v:.3}",
+                        e.images[i].name
+                    ));
                     if resp.clicked() {
                         self.atlas_clicked = Some(i);
                     }
@@ -129,9 +156,15 @@ impl ExplorerApp {
 
     /// Re-score the refined method with the what-if settings.
     pub fn apply_whatif(&mut self) {
-        let Some(e) = self.explore.as_mut() else { return };
-        let (Some(orig), Some(r)) = (&self.refined_original, &e.refiner) else { return };
-        let default = (self.whatif.alpha - r.alpha).abs() < 1e-6 && self.whatif.enabled.iter().all(|x| *x);
+        self.scores_version += 1;
+        let Some(e) = self.explore.as_mut() else {
+            return;
+        };
+        let (Some(orig), Some(r)) = (&self.refined_original, &e.refiner) else {
+            return;
+        };
+        let default =
+            (self.whatif.alpha - r.alpha).abs() < 1e-6 && self.whatif.enabled.iter().all(|x| *x);
         if default {
             e.methods[crate::explore::REFINED] = orig.clone();
             self.whatif.active = false;

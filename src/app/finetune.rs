@@ -28,7 +28,15 @@ pub struct FinetuneForm {
 impl Default for FinetuneForm {
     fn default() -> Self {
         let d = TrainConfig::default();
-        Self { refiner: true, seed: 1, epochs: d.epochs, lr: d.lr, batch: d.batch, cache_size: d.cache_size, alpha: d.alpha }
+        Self {
+            refiner: true,
+            seed: 1,
+            epochs: d.epochs,
+            lr: d.lr,
+            batch: d.batch,
+            cache_size: d.cache_size,
+            alpha: d.alpha,
+        }
     }
 }
 
@@ -59,7 +67,11 @@ impl ExplorerApp {
         }
         let f = &self.state.finetune;
         let cfg = TrainConfig {
-            method: if f.refiner { Method::CoopRefiner } else { Method::Coop },
+            method: if f.refiner {
+                Method::CoopRefiner
+            } else {
+                Method::Coop
+            },
             epochs: f.epochs.max(1),
             lr: f.lr,
             batch: f.batch.max(1),
@@ -69,11 +81,40 @@ impl ExplorerApp {
             ..Default::default()
         };
         self.runs_started += 1;
-        let name = format!("run {} ({}, seed {}, {} ep)", self.runs_started, if f.refiner { "CoOp + TextRefiner" } else { "CoOp" }, f.seed, f.epochs);
-        let save = crate::features::FeatureBank::default_dir().parent().map(|d| d.join("runs").join(format!("run{}-{}", self.runs_started, std::process::id())));
+        let name = format!(
+            "run {} ({}, seed {}, {} ep)",
+            self.runs_started,
+            if f.refiner {
+                "CoOp + TextRefiner"
+            } else {
+                "CoOp"
+            },
+            f.seed,
+            f.epochs
+        );
+        let save = crate::features::FeatureBank::default_dir()
+            .parent()
+            .map(|d| {
+                d.join("runs")
+                    .join(format!("run{}-{}", self.runs_started, std::process::id()))
+            });
         let cancel = Arc::new(AtomicBool::new(false));
-        let id = self.worker.send(Request::Train { cfg, name: name.clone(), cancel: cancel.clone(), save });
-        self.job = Some(Job { id, name, cancel, running: true, status: "starting …".into(), steps: Vec::new(), epochs: Vec::new(), progress: 0.0 });
+        let id = self.worker.send(Request::Train {
+            cfg,
+            name: name.clone(),
+            cancel: cancel.clone(),
+            save,
+        });
+        self.job = Some(Job {
+            id,
+            name,
+            cancel,
+            running: true,
+            status: "starting …".into(),
+            steps: Vec::new(),
+            epochs: Vec::new(),
+            progress: 0.0,
+        });
     }
 
     pub fn cancel_finetune(&mut self) {
@@ -83,9 +124,20 @@ impl ExplorerApp {
     }
 
     pub(super) fn on_train_step(&mut self, id: u64, ev: TrainEvent) {
-        let Some(j) = self.job.as_mut().filter(|j| j.id == id) else { return };
+        let Some(j) = self.job.as_mut().filter(|j| j.id == id) else {
+            return;
+        };
         match ev {
-            TrainEvent::Step { epoch, step, steps_per_epoch, global, local, reg, total, .. } => {
+            TrainEvent::Step {
+                epoch,
+                step,
+                steps_per_epoch,
+                global,
+                local,
+                reg,
+                total,
+                ..
+            } => {
                 let x = (epoch - 1) as f64 + step as f64 / steps_per_epoch as f64;
                 j.steps.push([x, global as f64, local as f64, reg as f64]);
                 let _ = total;
@@ -93,7 +145,11 @@ impl ExplorerApp {
                 j.progress = x as f32 / epochs;
                 j.status = format!("epoch {epoch}, step {step}/{steps_per_epoch}");
             }
-            TrainEvent::Epoch { epoch, train_accuracy, .. } => j.epochs.push([epoch as f64, train_accuracy as f64]),
+            TrainEvent::Epoch {
+                epoch,
+                train_accuracy,
+                ..
+            } => j.epochs.push([epoch as f64, train_accuracy as f64]),
         }
     }
 
@@ -115,7 +171,11 @@ impl ExplorerApp {
                 ui.add(egui::DragValue::new(&mut f.epochs).range(1..=200));
                 ui.end_row();
                 ui.label("learning rate");
-                ui.add(egui::DragValue::new(&mut f.lr).speed(0.0005).range(1e-5..=1.0));
+                ui.add(
+                    egui::DragValue::new(&mut f.lr)
+                        .speed(0.0005)
+                        .range(1e-5..=1.0),
+                );
                 ui.end_row();
                 ui.label("batch");
                 ui.add(egui::DragValue::new(&mut f.batch).range(1..=256));
@@ -127,13 +187,25 @@ impl ExplorerApp {
                 ui.add(egui::Slider::new(&mut f.alpha, 0.0..=1.0));
                 ui.end_row();
             });
-            ui.weak(format!("shots and data: those of the comparison ({} shots per base class)", self.state.shots));
+            ui.weak(format!(
+                "shots and data: those of the comparison ({} shots per base class)",
+                self.state.shots
+            ));
         });
         ui.horizontal(|ui| {
-            if ui.add_enabled(!running && self.explore.is_some(), egui::Button::new("Start")).clicked() {
+            if ui
+                .add_enabled(
+                    !running && self.explore.is_some(),
+                    egui::Button::new("Start"),
+                )
+                .clicked()
+            {
                 self.start_finetune();
             }
-            if ui.add_enabled(running, egui::Button::new("Cancel")).clicked() {
+            if ui
+                .add_enabled(running, egui::Button::new("Cancel"))
+                .clicked()
+            {
                 self.cancel_finetune();
             }
         });
@@ -149,14 +221,49 @@ impl ExplorerApp {
             ui.add(egui::ProgressBar::new(j.progress.clamp(0.0, 1.0)).show_percentage());
         }
         let h = (ui.available_height() / 2.0 - 10.0).max(120.0);
-        let series = |k: usize| -> PlotPoints<'static> { j.steps.iter().map(|s| [s[0], s[k]]).collect::<Vec<_>>().into() };
-        Plot::new("losses").height(h).legend(Legend::default()).x_axis_label("epoch").show(ui, |p| {
-            p.line(Line::new("global (cross-entropy)", series(1)));
-            p.line(Line::new("local / 50", PlotPoints::from(j.steps.iter().map(|s| [s[0], s[2] / 50.0]).collect::<Vec<_>>())));
-            p.line(Line::new("regulariser x 20", PlotPoints::from(j.steps.iter().map(|s| [s[0], s[3] * 20.0]).collect::<Vec<_>>())));
-        });
-        Plot::new("accuracy").height(h).legend(Legend::default()).x_axis_label("epoch").include_y(0.0).include_y(1.0).show(ui, |p| {
-            p.line(Line::new("training accuracy", PlotPoints::from(j.epochs.clone())));
-        });
+        let series = |k: usize| -> PlotPoints<'static> {
+            j.steps
+                .iter()
+                .map(|s| [s[0], s[k]])
+                .collect::<Vec<_>>()
+                .into()
+        };
+        Plot::new("losses")
+            .height(h)
+            .legend(Legend::default())
+            .x_axis_label("epoch")
+            .show(ui, |p| {
+                p.line(Line::new("global (cross-entropy)", series(1)));
+                p.line(Line::new(
+                    "local / 50",
+                    PlotPoints::from(
+                        j.steps
+                            .iter()
+                            .map(|s| [s[0], s[2] / 50.0])
+                            .collect::<Vec<_>>(),
+                    ),
+                ));
+                p.line(Line::new(
+                    "regulariser x 20",
+                    PlotPoints::from(
+                        j.steps
+                            .iter()
+                            .map(|s| [s[0], s[3] * 20.0])
+                            .collect::<Vec<_>>(),
+                    ),
+                ));
+            });
+        Plot::new("accuracy")
+            .height(h)
+            .legend(Legend::default())
+            .x_axis_label("epoch")
+            .include_y(0.0)
+            .include_y(1.0)
+            .show(ui, |p| {
+                p.line(Line::new(
+                    "training accuracy",
+                    PlotPoints::from(j.epochs.clone()),
+                ));
+            });
     }
 }

@@ -46,7 +46,11 @@ pub fn install(rs: &egui_wgpu::RenderState) {
             wgpu::BindGroupLayoutEntry {
                 binding: 0,
                 visibility: wgpu::ShaderStages::FRAGMENT,
-                ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
                 count: None,
             },
             wgpu::BindGroupLayoutEntry {
@@ -61,11 +65,20 @@ pub fn install(rs: &egui_wgpu::RenderState) {
             },
         ],
     });
-    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("heatmap"), bind_group_layouts: &[Some(&bgl)], immediate_size: 0 });
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some("heatmap"),
+        bind_group_layouts: &[Some(&bgl)],
+        immediate_size: 0,
+    });
     let pipeline = device.create_render_pipeline(&wgpu::RenderPipelineDescriptor {
         label: Some("heatmap"),
         layout: Some(&layout),
-        vertex: wgpu::VertexState { module: &shader, entry_point: Some("vs_main"), buffers: &[], compilation_options: Default::default() },
+        vertex: wgpu::VertexState {
+            module: &shader,
+            entry_point: Some("vs_main"),
+            buffers: &[],
+            compilation_options: Default::default(),
+        },
         primitive: wgpu::PrimitiveState::default(),
         depth_stencil: None,
         multisample: wgpu::MultisampleState::default(),
@@ -90,7 +103,11 @@ pub fn install(rs: &egui_wgpu::RenderState) {
     });
     let texture = device.create_texture(&wgpu::TextureDescriptor {
         label: Some("heatmap values"),
-        size: wgpu::Extent3d { width: MAX_GRID, height: MAX_GRID, depth_or_array_layers: 1 },
+        size: wgpu::Extent3d {
+            width: MAX_GRID,
+            height: MAX_GRID,
+            depth_or_array_layers: 1,
+        },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
@@ -103,11 +120,22 @@ pub fn install(rs: &egui_wgpu::RenderState) {
         label: Some("heatmap"),
         layout: &bgl,
         entries: &[
-            wgpu::BindGroupEntry { binding: 0, resource: uniforms.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 1, resource: wgpu::BindingResource::TextureView(&view) },
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: uniforms.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: wgpu::BindingResource::TextureView(&view),
+            },
         ],
     });
-    rs.renderer.write().callback_resources.insert(Resources { pipeline, bind_group, uniforms, texture });
+    rs.renderer.write().callback_resources.insert(Resources {
+        pipeline,
+        bind_group,
+        uniforms,
+        texture,
+    });
 }
 
 /// The uniform block of the shader (`Params`, 64 bytes, std140-compatible layout).
@@ -141,24 +169,49 @@ impl egui_wgpu::CallbackTrait for Callback {
         _encoder: &mut wgpu::CommandEncoder,
         resources: &mut egui_wgpu::CallbackResources,
     ) -> Vec<wgpu::CommandBuffer> {
-        let Some(r) = resources.get::<Resources>() else { return Vec::new() };
+        let Some(r) = resources.get::<Resources>() else {
+            return Vec::new();
+        };
         let g = (self.0.grid as u32).min(MAX_GRID);
         if g == 0 || self.0.values.len() < (g * g) as usize {
             return Vec::new();
         }
         queue.write_buffer(&r.uniforms, 0, &uniform_bytes(&self.0));
-        let bytes: Vec<u8> = self.0.values[..(g * g) as usize].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = self.0.values[..(g * g) as usize]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         queue.write_texture(
-            wgpu::TexelCopyTextureInfo { texture: &r.texture, mip_level: 0, origin: wgpu::Origin3d::ZERO, aspect: wgpu::TextureAspect::All },
+            wgpu::TexelCopyTextureInfo {
+                texture: &r.texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
             &bytes,
-            wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(4 * g), rows_per_image: Some(g) },
-            wgpu::Extent3d { width: g, height: g, depth_or_array_layers: 1 },
+            wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(4 * g),
+                rows_per_image: Some(g),
+            },
+            wgpu::Extent3d {
+                width: g,
+                height: g,
+                depth_or_array_layers: 1,
+            },
         );
         Vec::new()
     }
 
-    fn paint(&self, _info: egui::PaintCallbackInfo, pass: &mut wgpu::RenderPass<'static>, resources: &egui_wgpu::CallbackResources) {
-        let Some(r) = resources.get::<Resources>() else { return };
+    fn paint(
+        &self,
+        _info: egui::PaintCallbackInfo,
+        pass: &mut wgpu::RenderPass<'static>,
+        resources: &egui_wgpu::CallbackResources,
+    ) {
+        let Some(r) = resources.get::<Resources>() else {
+            return;
+        };
         pass.set_pipeline(&r.pipeline);
         pass.set_bind_group(0, &r.bind_group, &[]);
         pass.draw(0..6, 0..1);
@@ -167,7 +220,10 @@ impl egui_wgpu::CallbackTrait for Callback {
 
 /// Draw the heatmap over `rect` (one per frame: the value texture is shared).
 pub fn paint(ui: &egui::Ui, rect: egui::Rect, params: HeatmapParams) {
-    ui.painter().add(egui_wgpu::Callback::new_paint_callback(rect, Callback(params)));
+    ui.painter().add(egui_wgpu::Callback::new_paint_callback(
+        rect,
+        Callback(params),
+    ));
 }
 
 /// A horizontal legend bar for `colormap` from `vmin` to `vmax` (drawn with egui meshes).
@@ -181,7 +237,11 @@ pub fn legend_ui(ui: &mut egui::Ui, colormap: Colormap, vmin: f32, vmax: f32, la
             let [r, g, b] = colormap.sample_u8(t);
             let x0 = rect.left() + rect.width() * k as f32 / steps as f32;
             let x1 = rect.left() + rect.width() * (k + 1) as f32 / steps as f32;
-            ui.painter().rect_filled(egui::Rect::from_x_y_ranges(x0..=x1, rect.y_range()), 0.0, egui::Color32::from_rgb(r, g, b));
+            ui.painter().rect_filled(
+                egui::Rect::from_x_y_ranges(x0..=x1, rect.y_range()),
+                0.0,
+                egui::Color32::from_rgb(r, g, b),
+            );
         }
         ui.label(format!("{vmax:.3}"));
         ui.weak(label);

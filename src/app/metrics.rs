@@ -15,32 +15,41 @@ impl ExplorerApp {
             ui.weak("Preparing …");
             return;
         };
-        ui.heading(format!("{}: base {} classes, new {} classes, {} test images", e.data_name, e.base_names.len(), e.new_names.len(), e.images.len()));
+        ui.heading(format!(
+            "{}: base {} classes, new {} classes, {} test images",
+            e.data_name,
+            e.base_names.len(),
+            e.new_names.len(),
+            e.images.len()
+        ));
         let mut set_a = None;
         let mut set_b = None;
-        egui::Grid::new("methods").striped(true).num_columns(6).show(ui, |ui| {
-            ui.strong("method");
-            ui.strong("base");
-            ui.strong("new");
-            ui.strong("HM");
-            ui.strong("compare as A");
-            ui.strong("compare as B");
-            ui.end_row();
-            for (m, meth) in e.methods.iter().enumerate() {
-                let (b, n) = (e.accuracy(m, Subset::Base), e.accuracy(m, Subset::New));
-                ui.label(&meth.name);
-                ui.label(format!("{:.1}", 100.0 * b));
-                ui.label(format!("{:.1}", 100.0 * n));
-                ui.label(format!("{:.1}", 100.0 * harmonic_mean(b, n)));
-                if ui.radio(self.compare.0 == m, "A").clicked() {
-                    set_a = Some(m);
-                }
-                if ui.radio(self.compare.1 == m, "B").clicked() {
-                    set_b = Some(m);
-                }
+        egui::Grid::new("methods")
+            .striped(true)
+            .num_columns(6)
+            .show(ui, |ui| {
+                ui.strong("method");
+                ui.strong("base");
+                ui.strong("new");
+                ui.strong("HM");
+                ui.strong("compare as A");
+                ui.strong("compare as B");
                 ui.end_row();
-            }
-        });
+                for (m, meth) in e.methods.iter().enumerate() {
+                    let (b, n) = (e.accuracy(m, Subset::Base), e.accuracy(m, Subset::New));
+                    ui.label(&meth.name);
+                    ui.label(format!("{:.1}", 100.0 * b));
+                    ui.label(format!("{:.1}", 100.0 * n));
+                    ui.label(format!("{:.1}", 100.0 * harmonic_mean(b, n)));
+                    if ui.radio(self.compare.0 == m, "A").clicked() {
+                        set_a = Some(m);
+                    }
+                    if ui.radio(self.compare.1 == m, "B").clicked() {
+                        set_b = Some(m);
+                    }
+                    ui.end_row();
+                }
+            });
         if self.whatif.active {
             ui.weak(format!("what-if active: CoOp + TextRefiner re-scored with alpha {:.2} and {} of {} cache entries", self.whatif.alpha, self.whatif.enabled.iter().filter(|x| **x).count(), self.whatif.enabled.len()));
         }
@@ -64,22 +73,45 @@ impl ExplorerApp {
         let mut clicked: Option<(u32, u32)> = None;
         ui.columns(2, |cols| {
             let ui = &mut cols[0];
-            ui.strong(format!("Per-class accuracy: {} (blue) vs {} (orange)", e.methods[a].name, e.methods[b].name));
-            egui::ScrollArea::vertical().id_salt("per-class").max_height(ui.available_height()).show(ui, |ui| {
-                for (c, n) in names.iter().enumerate() {
-                    let acc = |conf: &Vec<Vec<u32>>| conf[c][c] as f32 / conf[c].iter().sum::<u32>().max(1) as f32;
-                    let (xa, xb) = (acc(&conf_a), acc(&conf_b));
-                    ui.horizontal(|ui| {
-                        let (r, _) = ui.allocate_exact_size(egui::vec2(180.0, 14.0), egui::Sense::hover());
-                        let p = ui.painter();
-                        p.rect_filled(egui::Rect::from_min_size(r.min, egui::vec2(180.0 * xa, 6.0)), 1.0, egui::Color32::from_rgb(100, 150, 230));
-                        p.rect_filled(egui::Rect::from_min_size(r.min + egui::vec2(0.0, 7.0), egui::vec2(180.0 * xb, 6.0)), 1.0, egui::Color32::from_rgb(240, 160, 60));
-                        ui.label(format!("{:>3.0} / {:>3.0}  {}", 100.0 * xa, 100.0 * xb, n));
-                    });
-                }
-            });
+            ui.strong(format!(
+                "Per-class accuracy: {} (blue) vs {} (orange)",
+                e.methods[a].name, e.methods[b].name
+            ));
+            egui::ScrollArea::vertical()
+                .id_salt("per-class")
+                .max_height(ui.available_height())
+                .show(ui, |ui| {
+                    for (c, n) in names.iter().enumerate() {
+                        let acc = |conf: &Vec<Vec<u32>>| {
+                            conf[c][c] as f32 / conf[c].iter().sum::<u32>().max(1) as f32
+                        };
+                        let (xa, xb) = (acc(&conf_a), acc(&conf_b));
+                        ui.horizontal(|ui| {
+                            let (r, _) = ui
+                                .allocate_exact_size(egui::vec2(180.0, 14.0), egui::Sense::hover());
+                            let p = ui.painter();
+                            p.rect_filled(
+                                egui::Rect::from_min_size(r.min, egui::vec2(180.0 * xa, 6.0)),
+                                1.0,
+                                egui::Color32::from_rgb(100, 150, 230),
+                            );
+                            p.rect_filled(
+                                egui::Rect::from_min_size(
+                                    r.min + egui::vec2(0.0, 7.0),
+                                    egui::vec2(180.0 * xb, 6.0),
+                                ),
+                                1.0,
+                                egui::Color32::from_rgb(240, 160, 60),
+                            );
+                            ui.label(format!("{:>3.0} / {:>3.0}  {}", 100.0 * xa, 100.0 * xb, n));
+                        });
+                    }
+                });
             let ui = &mut cols[1];
-            ui.strong(format!("Confusion of {} (rows: true, columns: predicted) — click a cell", e.methods[b].name));
+            ui.strong(format!(
+                "Confusion of {} (rows: true, columns: predicted) — click a cell",
+                e.methods[b].name
+            ));
             let c = names.len();
             let side = (ui.available_width() - 10.0).clamp(120.0, 480.0);
             let (rect, resp) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::click());
@@ -89,10 +121,19 @@ impl ExplorerApp {
             for (i, row) in conf_b.iter().enumerate() {
                 for (j, &v) in row.iter().enumerate() {
                     let [r, g, bb] = Colormap::Magma.sample_u8(v as f32 / max);
-                    let cr = egui::Rect::from_min_size(rect.min + egui::vec2(j as f32 * cell, i as f32 * cell), egui::vec2(cell, cell));
+                    let cr = egui::Rect::from_min_size(
+                        rect.min + egui::vec2(j as f32 * cell, i as f32 * cell),
+                        egui::vec2(cell, cell),
+                    );
                     p.rect_filled(cr.shrink(0.5), 0.0, egui::Color32::from_rgb(r, g, bb));
                     if cell > 22.0 && v > 0 {
-                        p.text(cr.center(), egui::Align2::CENTER_CENTER, v.to_string(), egui::FontId::monospace(10.0), egui::Color32::WHITE);
+                        p.text(
+                            cr.center(),
+                            egui::Align2::CENTER_CENTER,
+                            v.to_string(),
+                            egui::FontId::monospace(10.0),
+                            egui::Color32::WHITE,
+                        );
                     }
                 }
             }
@@ -109,7 +150,10 @@ impl ExplorerApp {
                 let j = ((pos.x - rect.left()) / cell) as usize;
                 let i = ((pos.y - rect.top()) / cell) as usize;
                 if i < c && j < c {
-                    resp.clone().on_hover_text(format!("true {}\npredicted {}\n{} images", names[i], names[j], conf_b[i][j]));
+                    resp.clone().on_hover_text(format!(
+                        "true {}\npredicted {}\n{} images",
+                        names[i], names[j], conf_b[i][j]
+                    ));
                 }
             }
         });

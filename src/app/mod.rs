@@ -100,6 +100,8 @@ pub struct ExplorerApp {
     pub frame_times: std::collections::VecDeque<f32>,
     /// Show the frame time in the status line (off in snapshot tests: it varies).
     pub show_frame_time: bool,
+    /// Bumped whenever a method's class features change (what-if), to refresh cached results.
+    pub scores_version: u64,
     atlas_clicked: Option<usize>,
     /// Errors reported from callbacks (screenshots), shown as notifications.
     async_errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -122,8 +124,15 @@ pub enum Tab {
 impl ExplorerApp {
     /// Create the app from eframe's creation context: installs the heatmap pipeline when a
     /// wgpu renderer is there, restores the persisted state unless `state` is given.
-    pub fn new(cc: &eframe::CreationContext<'_>, state: Option<Persisted>) -> std::io::Result<Self> {
-        let state = state.unwrap_or_else(|| cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)).unwrap_or_default());
+    pub fn new(
+        cc: &eframe::CreationContext<'_>,
+        state: Option<Persisted>,
+    ) -> std::io::Result<Self> {
+        let state = state.unwrap_or_else(|| {
+            cc.storage
+                .and_then(|s| eframe::get_value(s, STORAGE_KEY))
+                .unwrap_or_default()
+        });
         let mut app = Self::with_state(cc.egui_ctx.clone(), state)?;
         if let Some(rs) = cc.wgpu_render_state.as_ref() {
             heatmap::install(rs);
@@ -157,6 +166,7 @@ impl ExplorerApp {
             progress: None,
             frame_times: Default::default(),
             show_frame_time: true,
+            scores_version: 0,
             atlas_clicked: None,
             async_errors: Default::default(),
             pending_load: None,
@@ -183,8 +193,17 @@ impl ExplorerApp {
         self.gallery = Gallery::default();
         self.progress = Some(("preparing the comparison …".into(), 0.0));
         let data = self.state.data.clone();
-        let test_per_class = if data.starts_with("world") { None } else { Some(20) };
-        self.pending_explore = Some(self.worker.send(Request::Explore { data, shots: self.state.shots, seed: 1, test_per_class }));
+        let test_per_class = if data.starts_with("world") {
+            None
+        } else {
+            Some(20)
+        };
+        self.pending_explore = Some(self.worker.send(Request::Explore {
+            data,
+            shots: self.state.shots,
+            seed: 1,
+            test_per_class,
+        }));
     }
 
     pub fn open_data(&mut self, spec: String) {
@@ -202,10 +221,18 @@ impl ExplorerApp {
     }
 
     pub fn score(&mut self) {
-        let texts: Vec<String> =
-            self.state.prompts.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+        let texts: Vec<String> = self
+            .state
+            .prompts
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
         self.busy = Some("scoring ...".into());
-        self.pending_score = Some(self.worker.send(Request::Score { images: self.state.images.clone(), texts }));
+        self.pending_score = Some(self.worker.send(Request::Score {
+            images: self.state.images.clone(),
+            texts,
+        }));
     }
 
     fn drain_events(&mut self) {
@@ -215,7 +242,11 @@ impl ExplorerApp {
         for ev in self.worker.poll() {
             match ev {
                 Event::Progress { message, .. } => self.busy = Some(message),
-                Event::Fraction { id, message, fraction } => {
+                Event::Fraction {
+                    id,
+                    message,
+                    fraction,
+                } => {
                     if Some(id) == self.pending_explore {
                         self.progress = Some((message, fraction));
                     }
@@ -229,16 +260,23 @@ impl ExplorerApp {
                     match result {
                         Ok(e) => {
                             self.refined_original = e.methods.get(REFINED).cloned();
-                            self.whatif = WhatIf { alpha: e.refiner.as_ref().map(|r| r.alpha).unwrap_or(0.2), enabled: vec![true; e.num_entries()], active: false };
+                            self.whatif = WhatIf {
+                                alpha: e.refiner.as_ref().map(|r| r.alpha).unwrap_or(0.2),
+                                enabled: vec![true; e.num_entries()],
+                                active: false,
+                            };
                             self.compare = (COOP, REFINED.min(e.methods.len() - 1));
                             self.explore = Some(e);
+                            self.scores_version += 1;
                         }
                         Err(e) => self.notifications.push(e),
                     }
                 }
                 Event::TrainStep { id, event } => self.on_train_step(id, event),
                 Event::TrainDone { id, result } => {
-                    let Some(j) = self.job.as_mut().filter(|j| j.id == id) else { continue };
+                    let Some(j) = self.job.as_mut().filter(|j| j.id == id) else {
+                        continue;
+                    };
                     j.running = false;
                     match result {
                         Ok(out) => {
@@ -247,7 +285,13 @@ impl ExplorerApp {
                                 100.0 * out.metrics.base,
                                 100.0 * out.metrics.new,
                                 100.0 * out.metrics.hm,
-                                out.checkpoint.as_ref().map(|p| format!(" · saved {}", p.with_extension("safetensors").display())).unwrap_or_default()
+                                out.checkpoint
+                                    .as_ref()
+                                    .map(|p| format!(
+                                        " · saved {}",
+                                        p.with_extension("safetensors").display()
+                                    ))
+                                    .unwrap_or_default()
                             );
                             j.progress = 1.0;
                             if let Some(e) = self.explore.as_mut() {
@@ -313,7 +357,10 @@ impl ExplorerApp {
                             self.notifications.push(e.clone());
                         }
                     }
-                    self.scores = zero_shot::Scores { texts, results: results.into_iter().filter_map(|r| r.ok()).collect() };
+                    self.scores = zero_shot::Scores {
+                        texts,
+                        results: results.into_iter().filter_map(|r| r.ok()).collect(),
+                    };
                 }
             }
         }
@@ -324,7 +371,11 @@ impl ExplorerApp {
             ui.heading("TextRefiner Explorer");
             ui.separator();
             ui.label("Model:");
-            let edit = ui.add(egui::TextEdit::singleline(&mut self.state.model_spec).desired_width(240.0).hint_text("folder, weights file or hub id"));
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.state.model_spec)
+                    .desired_width(240.0)
+                    .hint_text("folder, weights file or hub id"),
+            );
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if ui.button("Load").clicked() || enter {
                 self.load_model(self.state.model_spec.clone());
@@ -346,7 +397,11 @@ impl ExplorerApp {
             }
             ui.separator();
             ui.label("Data:");
-            let edit = ui.add(egui::TextEdit::singleline(&mut self.state.data).desired_width(160.0).hint_text("world or a dataset folder"));
+            let edit = ui.add(
+                egui::TextEdit::singleline(&mut self.state.data)
+                    .desired_width(160.0)
+                    .hint_text("world or a dataset folder"),
+            );
             let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
             if ui.button("Open").clicked() || enter {
                 self.open_data(self.state.data.clone());
@@ -367,26 +422,39 @@ impl ExplorerApp {
                 });
             }
             ui.separator();
-            if ui.add_enabled(self.explore.is_some(), egui::Button::new("Add checkpoint…")).on_hover_text("ours (.json) or a reference run folder (prompt_learner/ + Memory/)").clicked() {
+            if ui
+                .add_enabled(self.explore.is_some(), egui::Button::new("Add checkpoint…"))
+                .on_hover_text("ours (.json) or a reference run folder (prompt_learner/ + Memory/)")
+                .clicked()
+            {
                 if let Some(p) = rfd::FileDialog::new().pick_folder() {
                     self.add_checkpoint(p);
                 }
             }
             ui.menu_button("Export", |ui| {
                 if ui.button("Metrics as CSV…").clicked() {
-                    if let Some(p) = rfd::FileDialog::new().set_file_name("metrics.csv").save_file() {
+                    if let Some(p) = rfd::FileDialog::new()
+                        .set_file_name("metrics.csv")
+                        .save_file()
+                    {
                         self.export_csv(&p, true);
                     }
                     ui.close();
                 }
                 if ui.button("Per-image results as CSV…").clicked() {
-                    if let Some(p) = rfd::FileDialog::new().set_file_name("images.csv").save_file() {
+                    if let Some(p) = rfd::FileDialog::new()
+                        .set_file_name("images.csv")
+                        .save_file()
+                    {
                         self.export_csv(&p, false);
                     }
                     ui.close();
                 }
                 if ui.button("Window as PNG…").clicked() {
-                    if let Some(p) = rfd::FileDialog::new().set_file_name("explorer.png").save_file() {
+                    if let Some(p) = rfd::FileDialog::new()
+                        .set_file_name("explorer.png")
+                        .save_file()
+                    {
                         self.request_screenshot(ui.ctx(), p);
                     }
                     ui.close();
@@ -397,7 +465,12 @@ impl ExplorerApp {
             match &self.model {
                 Some(m) => ui.label(format!(
                     "{}: ViT {} px / patch {}, {} + {} layers, {}-d",
-                    m.source, m.image_size, m.patch_size, m.vision_layers, m.text_layers, m.embedding_dim
+                    m.source,
+                    m.image_size,
+                    m.patch_size,
+                    m.vision_layers,
+                    m.text_layers,
+                    m.embedding_dim
                 )),
                 None => ui.weak("no model loaded"),
             };
@@ -409,7 +482,11 @@ impl ExplorerApp {
             if let Some((msg, f)) = &self.progress {
                 ui.separator();
                 ui.spinner();
-                ui.add(egui::ProgressBar::new(*f).desired_width(160.0).show_percentage());
+                ui.add(
+                    egui::ProgressBar::new(*f)
+                        .desired_width(160.0)
+                        .show_percentage(),
+                );
                 ui.label(msg);
             }
             if let Some(j) = self.job.as_ref().filter(|j| j.running) {
@@ -436,7 +513,11 @@ impl ExplorerApp {
     /// Write metrics (one row per method) or per-image results (both compared methods) as CSV.
     pub fn export_csv(&mut self, path: &std::path::Path, metrics: bool) {
         let Some(e) = &self.explore else { return };
-        let text = if metrics { metrics_csv(e) } else { images_csv(e, self.compare) };
+        let text = if metrics {
+            metrics_csv(e)
+        } else {
+            images_csv(e, self.compare)
+        };
         if let Err(err) = crate::util::write_atomic(path, text.as_bytes()) {
             self.notifications.push(err.to_string());
         }
@@ -445,14 +526,16 @@ impl ExplorerApp {
     fn request_screenshot(&mut self, ctx: &egui::Context, path: PathBuf) {
         let errors = self.async_errors.clone();
         let waker = ctx.clone();
-        ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(egui::ScreenshotCallback::new(move |img| {
-            if let Err(e) = save_png(&img, &path) {
-                if let Ok(mut v) = errors.lock() {
-                    v.push(format!("{}: {e}", path.display()));
+        ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(
+            egui::ScreenshotCallback::new(move |img| {
+                if let Err(e) = save_png(&img, &path) {
+                    if let Ok(mut v) = errors.lock() {
+                        v.push(format!("{}: {e}", path.display()));
+                    }
+                    waker.request_repaint();
                 }
-                waker.request_repaint();
-            }
-        })));
+            }),
+        ));
     }
 }
 
@@ -477,7 +560,14 @@ impl eframe::App for ExplorerApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         let t0 = std::time::Instant::now();
         self.drain_events();
-        let dropped: Vec<PathBuf> = ui.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect());
+        let dropped: Vec<PathBuf> = ui.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
         if !dropped.is_empty() {
             self.add_dropped(dropped);
         }
@@ -500,13 +590,18 @@ impl eframe::App for ExplorerApp {
                 egui::CentralPanel::default().show(ui, |ui| self.metrics_ui(ui));
             }
             Tab::Cache => {
-                egui::CentralPanel::default().show(ui, |ui| egui::ScrollArea::vertical().show(ui, |ui| self.cache_ui(ui)));
+                egui::CentralPanel::default().show(ui, |ui| {
+                    egui::ScrollArea::vertical().show(ui, |ui| self.cache_ui(ui))
+                });
             }
             Tab::Finetune => {
                 egui::CentralPanel::default().show(ui, |ui| self.finetune_ui(ui));
             }
             Tab::Images => {
-                egui::Panel::left("images").resizable(true).default_size(260.0).show(ui, |ui| self.images_ui(ui));
+                egui::Panel::left("images")
+                    .resizable(true)
+                    .default_size(260.0)
+                    .show(ui, |ui| self.images_ui(ui));
                 egui::CentralPanel::default().show(ui, |ui| self.results_ui(ui));
             }
         }
@@ -526,9 +621,14 @@ impl eframe::App for ExplorerApp {
 pub fn save_png(img: &egui::ColorImage, path: &std::path::Path) -> Result<(), String> {
     let [w, h] = img.size;
     let rgba: Vec<u8> = img.pixels.iter().flat_map(|c| c.to_array()).collect();
-    let im = image::RgbaImage::from_raw(w as u32, h as u32, rgba).ok_or_else(|| "screenshot has the wrong size".to_string())?;
+    let im = image::RgbaImage::from_raw(w as u32, h as u32, rgba)
+        .ok_or_else(|| "screenshot has the wrong size".to_string())?;
     let mut bytes = Vec::new();
-    im.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).map_err(|e| e.to_string())?;
+    im.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| e.to_string())?;
     crate::util::write_atomic(path, &bytes).map_err(|e| e.to_string())
 }
 
@@ -545,21 +645,35 @@ pub fn metrics_csv(e: &Exploration) -> String {
     let mut out = String::from("method,base,new,hm\n");
     for (m, meth) in e.methods.iter().enumerate() {
         let (b, n) = (e.accuracy(m, Subset::Base), e.accuracy(m, Subset::New));
-        out += &format!("{},{:.2},{:.2},{:.2}\n", csv_field(&meth.name), 100.0 * b, 100.0 * n, 100.0 * crate::train::harmonic_mean(b, n));
+        out += &format!(
+            "{},{:.2},{:.2},{:.2}\n",
+            csv_field(&meth.name),
+            100.0 * b,
+            100.0 * n,
+            100.0 * crate::train::harmonic_mean(b, n)
+        );
     }
     out
 }
 
 /// One row per test image: true class, both methods' predictions, flip and margin change.
 pub fn images_csv(e: &Exploration, (a, b): (usize, usize)) -> String {
-    let mut out = format!("image,subset,label,{},{},flip,margin_change\n", csv_field(&e.methods[a].name), csv_field(&e.methods[b].name));
+    let mut out = format!(
+        "image,subset,label,{},{},flip,margin_change\n",
+        csv_field(&e.methods[a].name),
+        csv_field(&e.methods[b].name)
+    );
     for (i, im) in e.images.iter().enumerate() {
         let names = e.names(im.subset);
         let (f, dm) = e.flip(a, b, i);
         out += &format!(
             "{},{},{},{},{},{},{:.4}\n",
             csv_field(&im.name),
-            if im.subset == Subset::New { "new" } else { "base" },
+            if im.subset == Subset::New {
+                "new"
+            } else {
+                "base"
+            },
             csv_field(&names[im.label as usize]),
             csv_field(&names[e.predict(a, i) as usize]),
             csv_field(&names[e.predict(b, i) as usize]),
@@ -572,7 +686,8 @@ pub fn images_csv(e: &Exploration, (a, b): (usize, usize)) -> String {
 
 impl ExplorerApp {
     fn add_dropped(&mut self, paths: Vec<PathBuf>) {
-        let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) = paths.into_iter().partition(|p| p.is_dir());
+        let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) =
+            paths.into_iter().partition(|p| p.is_dir());
         // A dropped folder with a config.json or weights is a model, another folder a dataset,
         // files are images.
         if let Some(d) = dirs.first() {
@@ -580,7 +695,10 @@ impl ExplorerApp {
                 .map(|rd| {
                     rd.filter_map(|e| e.ok()).any(|e| {
                         let n = e.file_name().to_string_lossy().to_lowercase();
-                        n == "config.json" || n.ends_with(".safetensors") || n.ends_with(".bin") || n.ends_with(".pt")
+                        n == "config.json"
+                            || n.ends_with(".safetensors")
+                            || n.ends_with(".bin")
+                            || n.ends_with(".pt")
                     })
                 })
                 .unwrap_or(false);
@@ -608,14 +726,19 @@ pub struct StartOptions {
 /// Open the explorer window.
 pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default().with_inner_size([1280.0, 800.0]).with_title("TextRefiner Explorer"),
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1280.0, 800.0])
+            .with_title("TextRefiner Explorer"),
         ..Default::default()
     };
     eframe::run_native(
         "TextRefiner Explorer",
         options,
         Box::new(move |cc| {
-            let mut state: Persisted = cc.storage.and_then(|s| eframe::get_value(s, STORAGE_KEY)).unwrap_or_default();
+            let mut state: Persisted = cc
+                .storage
+                .and_then(|s| eframe::get_value(s, STORAGE_KEY))
+                .unwrap_or_default();
             if let Some(m) = start.model {
                 state.model_spec = m;
             }
@@ -625,5 +748,5 @@ pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
             Ok(Box::new(ExplorerApp::new(cc, Some(state))?))
         }),
     )
-        .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }

@@ -24,7 +24,9 @@ pub fn viridis(t: f32) -> egui::Color32 {
     let t = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f32;
     let i = (t.floor() as usize).min(STOPS.len() - 2);
     let f = t - i as f32;
-    let c: Vec<u8> = (0..3).map(|k| ((STOPS[i][k] * (1.0 - f) + STOPS[i + 1][k] * f) * 255.0) as u8).collect();
+    let c: Vec<u8> = (0..3)
+        .map(|k| ((STOPS[i][k] * (1.0 - f) + STOPS[i + 1][k] * f) * 255.0) as u8)
+        .collect();
     egui::Color32::from_rgb(c[0], c[1], c[2])
 }
 
@@ -40,8 +42,16 @@ fn attention_grid_ui(ui: &mut egui::Ui, values: &[f32], grid: usize, side: f32) 
     for (k, v) in values.iter().enumerate() {
         let (r, c) = (k / grid, k % grid);
         let min_pt = rect.min + egui::vec2(c as f32 * cell, r as f32 * cell);
-        let t = if max > min { (v - min) / (max - min) } else { 0.0 };
-        painter.rect_filled(egui::Rect::from_min_size(min_pt, egui::vec2(cell, cell)), 0.0, viridis(t));
+        let t = if max > min {
+            (v - min) / (max - min)
+        } else {
+            0.0
+        };
+        painter.rect_filled(
+            egui::Rect::from_min_size(min_pt, egui::vec2(cell, cell)),
+            0.0,
+            viridis(t),
+        );
     }
 }
 
@@ -51,7 +61,10 @@ impl ExplorerApp {
         ui.horizontal(|ui| {
             if ui.button("Add images…").clicked() {
                 if let Some(files) = rfd::FileDialog::new()
-                    .add_filter("images", &["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"])
+                    .add_filter(
+                        "images",
+                        &["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"],
+                    )
                     .pick_files()
                 {
                     self.state.images.extend(files);
@@ -71,7 +84,11 @@ impl ExplorerApp {
                     if ui.small_button("Remove").clicked() {
                         remove = Some(i);
                     }
-                    ui.label(p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+                    ui.label(
+                        p.file_name()
+                            .map(|f| f.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                    );
                 });
             }
         });
@@ -81,9 +98,16 @@ impl ExplorerApp {
         ui.separator();
         ui.heading("Prompts");
         ui.weak("one per line");
-        ui.add(egui::TextEdit::multiline(&mut self.state.prompts).desired_rows(6).desired_width(f32::INFINITY));
+        ui.add(
+            egui::TextEdit::multiline(&mut self.state.prompts)
+                .desired_rows(6)
+                .desired_width(f32::INFINITY),
+        );
         let can_score = self.model.is_some() && !self.state.images.is_empty();
-        if ui.add_enabled(can_score, egui::Button::new("Score")).clicked() {
+        if ui
+            .add_enabled(can_score, egui::Button::new("Score"))
+            .clicked()
+        {
             self.score();
         }
     }
@@ -104,17 +128,35 @@ impl ExplorerApp {
                 ui.group(|ui| {
                     ui.horizontal(|ui| {
                         ui.vertical(|ui| {
-                            ui.strong(r.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+                            ui.strong(
+                                r.path
+                                    .file_name()
+                                    .map(|f| f.to_string_lossy().into_owned())
+                                    .unwrap_or_default(),
+                            );
                             ui.weak("CLS attention, last block");
                             attention_grid_ui(ui, &r.cls_attn, r.grid, 112.0);
                         });
                         ui.vertical(|ui| {
-                            let best = r.probs.iter().cloned().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).map(|x| x.0);
+                            let best = r
+                                .probs
+                                .iter()
+                                .cloned()
+                                .enumerate()
+                                .max_by(|a, b| a.1.total_cmp(&b.1))
+                                .map(|x| x.0);
                             for (j, t) in self.scores.texts.iter().enumerate() {
                                 let p = r.probs.get(j).copied().unwrap_or(0.0);
                                 ui.horizontal(|ui| {
-                                    ui.add(egui::ProgressBar::new(p).desired_width(220.0).text(format!("{:.1}%", 100.0 * p)));
-                                    let label = format!("{t}  (cos {:.3})", r.cosine.get(j).copied().unwrap_or(0.0));
+                                    ui.add(
+                                        egui::ProgressBar::new(p)
+                                            .desired_width(220.0)
+                                            .text(format!("{:.1}%", 100.0 * p)),
+                                    );
+                                    let label = format!(
+                                        "{t}  (cos {:.3})",
+                                        r.cosine.get(j).copied().unwrap_or(0.0)
+                                    );
                                     if Some(j) == best {
                                         ui.strong(label);
                                     } else {

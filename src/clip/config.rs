@@ -210,7 +210,10 @@ impl ClipConfig {
         // Configs written by early transformers versions carry `text_config_dict` /
         // `vision_config_dict`, which transformers lets override `text_config` / `vision_config`.
         let mut raw = raw;
-        for (dict_key, key) in [("text_config_dict", "text_config"), ("vision_config_dict", "vision_config")] {
+        for (dict_key, key) in [
+            ("text_config_dict", "text_config"),
+            ("vision_config_dict", "vision_config"),
+        ] {
             if let Some(serde_json::Value::Object(over)) = raw.get(dict_key).cloned() {
                 let entry = raw
                     .as_object_mut()
@@ -239,18 +242,35 @@ impl ClipConfig {
         let err = |msg: &str| Error::config(path, msg.to_string());
         let vc = m.get("vision_cfg").ok_or_else(|| err("no vision_cfg"))?;
         let tc = m.get("text_cfg").ok_or_else(|| err("no text_cfg"))?;
-        if vc.get("timm_model_name").map(|v| !v.is_null()).unwrap_or(false) {
+        if vc
+            .get("timm_model_name")
+            .map(|v| !v.is_null())
+            .unwrap_or(false)
+        {
             return Err(err("timm vision towers are not supported (ViT CLIP only)"));
         }
         if vc.get("layers").map(|v| v.is_array()).unwrap_or(false) {
-            return Err(err("ResNet (ModifiedResNet) vision towers are not supported: ViT CLIP only"));
+            return Err(err(
+                "ResNet (ModifiedResNet) vision towers are not supported: ViT CLIP only",
+            ));
         }
         let u = |v: &serde_json::Value, k: &str, d: usize| {
-            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(d)
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .unwrap_or(d)
         };
-        let f = |v: &serde_json::Value, k: &str, d: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
-        let quick = m.get("quick_gelu").and_then(|v| v.as_bool()).unwrap_or(false);
-        let act = if quick { Activation::QuickGelu } else { Activation::Gelu };
+        let f =
+            |v: &serde_json::Value, k: &str, d: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
+        let quick = m
+            .get("quick_gelu")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let act = if quick {
+            Activation::QuickGelu
+        } else {
+            Activation::Gelu
+        };
         let vw = u(vc, "width", 768);
         let head_width = u(vc, "head_width", 64);
         let tw = u(tc, "width", 512);
@@ -292,7 +312,10 @@ impl ClipConfig {
         let v = &self.vision_config;
         let t = &self.text_config;
         if v.patch_size == 0 || v.image_size < v.patch_size {
-            return Err(format!("image_size {} / patch_size {} is not a valid ViT", v.image_size, v.patch_size));
+            return Err(format!(
+                "image_size {} / patch_size {} is not a valid ViT",
+                v.image_size, v.patch_size
+            ));
         }
         if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
             return Err(format!(

@@ -185,11 +185,13 @@ impl CustomOp1 for Softmax {
         let mut dst = vec![0f32; src.len()];
         let fast = has_avx2();
         let chunk = cols * rows_per_task(cols);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| {
-            for (dr, sr) in d.chunks_mut(cols).zip(s.chunks(cols)) {
-                softmax_row(sr, dr, fast);
-            }
-        });
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| {
+                for (dr, sr) in d.chunks_mut(cols).zip(s.chunks(cols)) {
+                    softmax_row(sr, dr, fast);
+                }
+            });
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 }
@@ -202,7 +204,13 @@ impl CustomOp2 for BiasAct {
     fn name(&self) -> &'static str {
         "tr-bias-act"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let src = contiguous_f32(s1, l1, "bias_act")?;
         let bias = contiguous_f32(s2, l2, "bias_act bias")?;
         let cols = bias.len();
@@ -213,11 +221,13 @@ impl CustomOp2 for BiasAct {
         let fast = has_avx2();
         let q = self.quick_gelu;
         let chunk = cols * rows_per_task(cols);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| {
-            for (dr, sr) in d.chunks_mut(cols).zip(s.chunks(cols)) {
-                bias_act_row(sr, bias, dr, q, fast);
-            }
-        });
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| {
+                for (dr, sr) in d.chunks_mut(cols).zip(s.chunks(cols)) {
+                    bias_act_row(sr, bias, dr, q, fast);
+                }
+            });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 }
@@ -242,16 +252,24 @@ impl CustomOp3 for BiasResidual {
         let res = contiguous_f32(s3, l3, "bias_residual residual")?;
         let cols = bias.len();
         if l1.dims().last() != Some(&cols) || src.len() != res.len() {
-            candle_core::bail!("bias_residual: shapes {:?} {:?} {:?}", l1.dims(), l2.dims(), l3.dims());
+            candle_core::bail!(
+                "bias_residual: shapes {:?} {:?} {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
         let mut dst = vec![0f32; src.len()];
         let fast = has_avx2();
         let chunk = cols * rows_per_task(cols);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).zip(res.par_chunks(chunk)).for_each(|((d, s), r)| {
-            for ((dr, sr), rr) in d.chunks_mut(cols).zip(s.chunks(cols)).zip(r.chunks(cols)) {
-                bias_residual_row(sr, bias, rr, dr, fast);
-            }
-        });
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .zip(res.par_chunks(chunk))
+            .for_each(|((d, s), r)| {
+                for ((dr, sr), rr) in d.chunks_mut(cols).zip(s.chunks(cols)).zip(r.chunks(cols)) {
+                    bias_residual_row(sr, bias, rr, dr, fast);
+                }
+            });
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 }
@@ -270,7 +288,9 @@ pub fn enabled() -> bool {
 
 fn usable(x: &Tensor) -> bool {
     ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !x.track_op()
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && !x.track_op()
 }
 
 /// Softmax over the last dimension (inference).
@@ -286,7 +306,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// (gradients tracked, not f32 on CPU), so the caller uses candle's composite.
 pub fn bias_act(x: &Tensor, bias: &Tensor, quick_gelu: bool) -> Result<Option<Tensor>> {
     if usable(x) && !bias.track_op() && bias.dtype() == candle_core::DType::F32 {
-        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &BiasAct { quick_gelu })?))
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(
+            &bias.contiguous()?,
+            &BiasAct { quick_gelu },
+        )?))
     } else {
         Ok(None)
     }
@@ -294,9 +317,14 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, quick_gelu: bool) -> Result<Option<Te
 
 /// `x + bias + residual`; `None` when this path does not apply.
 pub fn bias_residual(x: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Option<Tensor>> {
-    if usable(x) && usable(residual) && !bias.track_op() && bias.dtype() == candle_core::DType::F32 {
+    if usable(x) && usable(residual) && !bias.track_op() && bias.dtype() == candle_core::DType::F32
+    {
         let r = residual.contiguous()?.reshape(x.shape())?;
-        Ok(Some(x.contiguous()?.apply_op3_no_bwd(&bias.contiguous()?, &r, &BiasResidual)?.reshape(residual.shape())?))
+        Ok(Some(
+            x.contiguous()?
+                .apply_op3_no_bwd(&bias.contiguous()?, &r, &BiasResidual)?
+                .reshape(residual.shape())?,
+        ))
     } else {
         Ok(None)
     }
@@ -326,14 +354,27 @@ mod tests {
         let b = Tensor::randn(0f32, 1.0, 53, &dev).unwrap();
         let r = Tensor::randn(0f32, 1.0, (37, 53), &dev).unwrap();
         let close = |a: &Tensor, c: &Tensor| {
-            let d = (a - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (a - c)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "max abs diff {d}");
         };
-        close(&softmax_last_dim(&x).unwrap(), &candle_nn::ops::softmax(&x, 1).unwrap());
+        close(
+            &softmax_last_dim(&x).unwrap(),
+            &candle_nn::ops::softmax(&x, 1).unwrap(),
+        );
         let xb = x.broadcast_add(&b).unwrap();
         let qg = (&xb * candle_nn::ops::sigmoid(&(&xb * 1.702).unwrap()).unwrap()).unwrap();
         close(&bias_act(&x, &b, true).unwrap().unwrap(), &qg);
         close(&bias_act(&x, &b, false).unwrap().unwrap(), &xb);
-        close(&bias_residual(&x, &b, &r).unwrap().unwrap(), &(&xb + &r).unwrap());
+        close(
+            &bias_residual(&x, &b, &r).unwrap().unwrap(),
+            &(&xb + &r).unwrap(),
+        );
     }
 }

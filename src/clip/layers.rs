@@ -10,8 +10,8 @@ use candle_nn::VarBuilder;
 
 use super::config::Activation;
 use super::kernels;
-use super::train_ops;
 use super::profile::time;
+use super::train_ops;
 
 /// `y = x W^T + b` for `x` of any rank, computed on the flattened 2-D view (one GEMM, and no
 /// per-example weight gradients when differentiating).
@@ -27,7 +27,11 @@ impl Linear {
     }
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 }
@@ -37,7 +41,9 @@ impl Linear {
     fn gemm(&self, x: &Tensor) -> Result<Tensor> {
         let in_dim = x.dim(D::Minus1)?;
         let rows = x.elem_count() / in_dim.max(1);
-        time("gemm (linear layers)", || x.reshape((rows, in_dim))?.matmul(&self.weight.t()?))
+        time("gemm (linear layers)", || {
+            x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)
+        })
     }
 
     fn out_dims(&self, x: &Tensor) -> Result<Vec<usize>> {
@@ -63,7 +69,9 @@ impl Linear {
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let y = self.gemm(x)?;
         let fused = match (&self.bias, act) {
-            (Some(b), Activation::QuickGelu) => time("bias / activation", || kernels::bias_act(&y, b, true))?,
+            (Some(b), Activation::QuickGelu) => {
+                time("bias / activation", || kernels::bias_act(&y, b, true))?
+            }
             _ => None,
         };
         let y = match fused {
@@ -77,7 +85,9 @@ impl Linear {
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let y = self.gemm(x)?;
         if let Some(b) = &self.bias {
-            if let Some(out) = time("bias + residual", || kernels::bias_residual(&y, b, residual))? {
+            if let Some(out) = time("bias + residual", || {
+                kernels::bias_residual(&y, b, residual)
+            })? {
                 return Ok(out);
             }
         }
@@ -90,7 +100,12 @@ impl Module for Linear {
         if x.track_op() && train_ops::usable(x) {
             let in_dim = x.dim(D::Minus1)?;
             let rows = x.elem_count() / in_dim.max(1);
-            let y = train_ops::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref(), false)?;
+            let y = train_ops::linear(
+                &x.reshape((rows, in_dim))?,
+                &self.weight,
+                self.bias.as_ref(),
+                false,
+            )?;
             return y.reshape(self.out_dims(x)?);
         }
         let y = self.add_bias(self.gemm(x)?)?;
@@ -108,7 +123,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
     }
 }
 
@@ -119,7 +138,14 @@ impl Module for LayerNorm {
         } else if x.track_op() {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
-            time("layer norm", || candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32))
+            time("layer norm", || {
+                candle_nn::ops::layer_norm(
+                    &x.contiguous()?,
+                    &self.weight,
+                    &self.bias,
+                    self.eps as f32,
+                )
+            })
         }
     }
 }
@@ -164,7 +190,11 @@ impl Attention {
         let w = Tensor::cat(&[&(qw * scale)?, &kw, &vw], 0)?;
         let b = Tensor::cat(&[&(qb * scale)?, &kb, &vbias], 0)?;
         let out_proj = Linear::load(vb.pp("out_proj"), dim, dim, true)?;
-        Ok(Self { qkv: Linear::new(w, Some(b)), out_proj, heads })
+        Ok(Self {
+            qkv: Linear::new(w, Some(b)),
+            out_proj,
+            heads,
+        })
     }
 
     /// `x`: `[B, L, D]` (normalised input); `mask`: additive `[L, L]`. Returns
@@ -181,7 +211,11 @@ impl Attention {
         let qkv = self.qkv.forward(x)?.reshape((b, l, 3, self.heads, hd))?;
         let qkv = qkv.permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
         let (q, k, v) = time("copies (head split/merge)", || -> Result<_> {
-            Ok((qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?))
+            Ok((
+                qkv.get(0)?.contiguous()?,
+                qkv.get(1)?.contiguous()?,
+                qkv.get(2)?.contiguous()?,
+            ))
         })?;
         let scores = time("attention products", || q.matmul(&k.t()?))?; // [B, H, L, L]
         let scores = match mask {
@@ -190,7 +224,9 @@ impl Attention {
         };
         let probs = time("softmax", || softmax_last_dim(&scores))?;
         let o = time("attention products", || probs.matmul(&v))?; // [B, H, L, hd]
-        let o = time("copies (head split/merge)", || o.transpose(1, 2)?.reshape((b, l, d)))?;
+        let o = time("copies (head split/merge)", || {
+            o.transpose(1, 2)?.reshape((b, l, d))
+        })?;
         let o = self.out_proj.forward_residual(&o, residual)?;
         Ok((o, if want_probs { Some(probs) } else { None }))
     }
@@ -217,7 +253,8 @@ impl Mlp {
 impl Mlp {
     /// `residual + fc2(act(fc1(x)))`.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.fc2.forward_residual(&self.fc1.forward_act(x, self.act)?, residual)
+        self.fc2
+            .forward_residual(&self.fc1.forward_act(x, self.act)?, residual)
     }
 }
 
@@ -227,14 +264,20 @@ impl Block {
         let (b, l, d) = x.dims3()?;
         let hd = d / self.attn.heads;
         let shape = train_ops::AttnShape::batch(b, l, self.attn.heads, hd, causal);
-        self.forward_rows(&x.reshape((b * l, d))?, shape)?.reshape((b, l, d))
+        self.forward_rows(&x.reshape((b * l, d))?, shape)?
+            .reshape((b, l, d))
     }
 
     /// The block on rows `[rows, D]` whose attention groups are `shape` ([`train_ops`] ops,
     /// differentiable in `x2` when it tracks a gradient).
     pub fn forward_rows(&self, x2: &Tensor, shape: train_ops::AttnShape) -> Result<Tensor> {
         let h = train_ops::layer_norm(x2, &self.ln1.weight, &self.ln1.bias, self.ln1.eps)?;
-        let qkv = train_ops::linear(&h, &self.attn.qkv.weight, self.attn.qkv.bias.as_ref(), false)?;
+        let qkv = train_ops::linear(
+            &h,
+            &self.attn.qkv.weight,
+            self.attn.qkv.bias.as_ref(),
+            false,
+        )?;
         let a = train_ops::attention_groups(&qkv, shape)?;
         let o = &self.attn.out_proj;
         let x2 = (x2 + train_ops::linear(&a, &o.weight, o.bias.as_ref(), false)?)?;
@@ -242,7 +285,10 @@ impl Block {
         let (fc1, fc2) = (&self.mlp.fc1, &self.mlp.fc2);
         let m = match self.mlp.act {
             Activation::QuickGelu => train_ops::linear(&h, &fc1.weight, fc1.bias.as_ref(), true)?,
-            act => activation(&train_ops::linear(&h, &fc1.weight, fc1.bias.as_ref(), false)?, act)?,
+            act => activation(
+                &train_ops::linear(&h, &fc1.weight, fc1.bias.as_ref(), false)?,
+                act,
+            )?,
         };
         x2 + train_ops::linear(&m, &fc2.weight, fc2.bias.as_ref(), false)?
     }
@@ -262,7 +308,14 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn load(vb: VarBuilder, dim: usize, heads: usize, inter: usize, act: Activation, eps: f64) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        inter: usize,
+        act: Activation,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
             ln1: LayerNorm::load(vb.pp("layer_norm1"), dim, eps)?,
             attn: Attention::load(vb.pp("self_attn"), dim, heads)?,
@@ -274,11 +327,18 @@ impl Block {
     /// `mask`: the additive causal mask of the text tower, or none. When a gradient is tracked
     /// through `x` (training a prompt), the block runs on our differentiable ops
     /// ([`train_ops`]), which treat any mask as the causal one.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         if x.track_op() && !want_probs && train_ops::usable(x) {
             return Ok((self.forward_train(x, mask.is_some())?, None));
         }
-        let (x, probs) = self.attn.forward(&self.ln1.forward(x)?, mask, want_probs, x)?;
+        let (x, probs) = self
+            .attn
+            .forward(&self.ln1.forward(x)?, mask, want_probs, x)?;
         let x = self.mlp.forward_residual(&self.ln2.forward(&x)?, &x)?;
         Ok((x, probs))
     }

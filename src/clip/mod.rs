@@ -85,7 +85,12 @@ impl Clip {
             }
             Identity::Files(files) => {
                 let key = format!("{files:?}");
-                if let Some(v) = MEMO.get_or_init(Default::default).lock().ok().and_then(|m| m.get(&key).cloned()) {
+                if let Some(v) = MEMO
+                    .get_or_init(Default::default)
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&key).cloned())
+                {
                     return Ok(v);
                 }
                 for f in files {
@@ -105,8 +110,12 @@ impl Clip {
 
 impl Clip {
     /// Build from Hugging Face-named tensors (`vb` at the model root).
-    pub fn from_varbuilder(vb: VarBuilder, config: &ClipConfig) -> candle_core::Result<(VisionTransformer, TextTransformer, f32)> {
-        let vision = VisionTransformer::load(vb.clone(), &config.vision_config, config.projection_dim)?;
+    pub fn from_varbuilder(
+        vb: VarBuilder,
+        config: &ClipConfig,
+    ) -> candle_core::Result<(VisionTransformer, TextTransformer, f32)> {
+        let vision =
+            VisionTransformer::load(vb.clone(), &config.vision_config, config.projection_dim)?;
         let text = TextTransformer::load(vb.clone(), &config.text_config, config.projection_dim)?;
         let logit_scale = match vb.get((), "logit_scale") {
             Ok(t) => t.to_scalar::<f32>()?.exp(),
@@ -136,9 +145,20 @@ impl Clip {
             .collect::<candle_core::Result<_>>()?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let (vision, text, logit_scale) = Self::from_varbuilder(vb, config).map_err(|e| {
-            Error::weights(path, format!("the weights do not fit the config ({e}); is the config for this model?"))
+            Error::weights(
+                path,
+                format!("the weights do not fit the config ({e}); is the config for this model?"),
+            )
         })?;
-        Ok(Self { config: config.clone(), vision, text, logit_scale, source: source.to_string(), naming, identity: Identity::Named(source.to_string()) })
+        Ok(Self {
+            config: config.clone(),
+            vision,
+            text,
+            logit_scale,
+            source: source.to_string(),
+            naming,
+            identity: Identity::Named(source.to_string()),
+        })
     }
 
     /// Load a model named by a folder, a weights file or a hub id; `embedded` names the tiny
@@ -160,19 +180,33 @@ impl Clip {
             .map_err(|e| Error::config("<embedded>/assets/tiny-clip/config.json", e.to_string()))?;
         let tensors = candle_core::safetensors::load_buffer(WEIGHTS, &Device::Cpu)
             .map_err(|e| Error::weights(path, e.to_string()))?;
-        let mut clip = Self::from_tensors(tensors, &config, Naming::HuggingFace, device, path, EMBEDDED)?;
+        let mut clip = Self::from_tensors(
+            tensors,
+            &config,
+            Naming::HuggingFace,
+            device,
+            path,
+            EMBEDDED,
+        )?;
         clip.identity = Identity::Bytes(WEIGHTS);
         Ok(clip)
     }
 
     /// As [`Clip::load`], with an explicit hub cache folder.
-    pub fn load_with_cache(spec: &str, device: &Device, hub_cache: Option<PathBuf>) -> Result<Self> {
+    pub fn load_with_cache(
+        spec: &str,
+        device: &Device,
+        hub_cache: Option<PathBuf>,
+    ) -> Result<Self> {
         let files = ModelFiles::resolve(spec, hub_cache)?;
         Self::load_files(&files, device)
     }
 
     pub fn load_files(files: &ModelFiles, device: &Device) -> Result<Self> {
-        let first = files.weights.first().ok_or_else(|| Error::model(&files.spec, "no weight files"))?;
+        let first = files
+            .weights
+            .first()
+            .ok_or_else(|| Error::model(&files.spec, "no weight files"))?;
         let mut tensors = HashMap::new();
         for w in &files.weights {
             tensors.extend(weights::read_tensors(w)?);

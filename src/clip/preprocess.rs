@@ -50,7 +50,10 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         // JPEG decoders fill a truncated scan with grey instead of failing; PIL refuses such
         // files ("image file is truncated"), and so do we: a JPEG ends with the EOI marker.
         Some(image::ImageFormat::Jpeg) if !jpeg_has_eoi(bytes) => {
-            return Err(Error::image(path, "truncated JPEG (no end-of-image marker)"))
+            return Err(Error::image(
+                path,
+                "truncated JPEG (no end-of-image marker)",
+            ))
         }
         _ => {}
     }
@@ -73,14 +76,21 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     reader.limits(limits());
     let img = reader.decode().map_err(|e| {
         let msg = e.to_string();
-        Error::image(path, format!("cannot decode (corrupt or truncated?): {msg}"))
+        Error::image(
+            path,
+            format!("cannot decode (corrupt or truncated?): {msg}"),
+        )
     })?;
     Ok(img.to_rgb8())
 }
 
 fn jpeg_has_eoi(bytes: &[u8]) -> bool {
     // allow trailing padding some writers add after EOI
-    let end = bytes.iter().rposition(|&b| b != 0 && b != b'\n' && b != b'\r').map(|i| i + 1).unwrap_or(0);
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && b != b'\n' && b != b'\r')
+        .map(|i| i + 1)
+        .unwrap_or(0);
     end >= 2 && bytes[end - 2] == 0xFF && bytes[end - 1] == 0xD9
 }
 
@@ -143,16 +153,28 @@ pub fn batch_tensor(images: &[Vec<f32>], size: usize, device: &Device) -> Result
     let mut data = Vec::with_capacity(images.len() * 3 * size * size);
     for im in images {
         if im.len() != 3 * size * size {
-            return Err(Error::Invalid(format!("image tensor has {} values, expected 3x{size}x{size}", im.len())));
+            return Err(Error::Invalid(format!(
+                "image tensor has {} values, expected 3x{size}x{size}",
+                im.len()
+            )));
         }
         data.extend_from_slice(im);
     }
-    Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), 3, size, size),
+        device,
+    )?)
 }
 
 /// Parameters of torchvision's `RandomResizedCrop.get_params` (scale (0.08, 1), ratio
 /// (3/4, 4/3)): returns (top, left, height, width).
-pub fn random_resized_crop_params<R: Rng>(rng: &mut R, width: u32, height: u32, scale: (f64, f64)) -> (u32, u32, u32, u32) {
+pub fn random_resized_crop_params<R: Rng>(
+    rng: &mut R,
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+) -> (u32, u32, u32, u32) {
     let area = (width as f64) * (height as f64);
     let (r0, r1) = (3.0f64 / 4.0, 4.0f64 / 3.0);
     let (lr0, lr1) = (r0.ln(), r1.ln());
@@ -176,7 +198,12 @@ pub fn random_resized_crop_params<R: Rng>(rng: &mut R, width: u32, height: u32, 
     } else {
         (width, height)
     };
-    ((height - h.min(height)) / 2, (width - w.min(width)) / 2, h.min(height), w.min(width))
+    (
+        (height - h.min(height)) / 2,
+        (width - w.min(width)) / 2,
+        h.min(height),
+        w.min(width),
+    )
 }
 
 /// Training view: random resized crop to `size` (bicubic) and a horizontal flip with

@@ -41,7 +41,11 @@ pub fn time<T>(stage: &'static str, f: impl FnOnce() -> T) -> T {
 pub fn report() -> Vec<(&'static str, f64, u64)> {
     let mut v: Vec<_> = TOTALS
         .lock()
-        .map(|t| t.iter().map(|(k, (d, n))| (*k, d.as_secs_f64(), *n)).collect())
+        .map(|t| {
+            t.iter()
+                .map(|(k, (d, n))| (*k, d.as_secs_f64(), *n))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort_by(|a, b| b.1.total_cmp(&a.1));
     v

@@ -28,7 +28,8 @@ fn name_seed(seed: u64, name: &str) -> u64 {
 impl RandomInit {
     fn std_for(name: &str, shape: &Shape) -> Option<f64> {
         let dims = shape.dims();
-        let is_norm = name.contains("layer_norm") || name.contains("layrnorm") || name.contains("layernorm");
+        let is_norm =
+            name.contains("layer_norm") || name.contains("layrnorm") || name.contains("layernorm");
         if is_norm || name.ends_with(".bias") || name == "logit_scale" {
             return None;
         }
@@ -44,17 +45,27 @@ impl RandomInit {
 }
 
 impl SimpleBackend for RandomInit {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let n = s.elem_count();
         let t = if name == "logit_scale" {
             Tensor::new((1.0f32 / 0.07).ln(), dev)?.reshape(s)?
         } else {
             match Self::std_for(name, &s) {
-                None if name.ends_with("weight") && !name.ends_with("class_embedding") => Tensor::ones(s, DType::F32, dev)?,
+                None if name.ends_with("weight") && !name.ends_with("class_embedding") => {
+                    Tensor::ones(s, DType::F32, dev)?
+                }
                 None => Tensor::zeros(s, DType::F32, dev)?,
                 Some(std) => {
                     let mut rng = ChaCha8Rng::seed_from_u64(name_seed(self.seed, name));
-                    let normal = Normal::new(0.0f32, std as f32).map_err(candle_core::Error::wrap)?;
+                    let normal =
+                        Normal::new(0.0f32, std as f32).map_err(candle_core::Error::wrap)?;
                     let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
                     Tensor::from_vec(v, s, dev)?
                 }
@@ -62,7 +73,12 @@ impl SimpleBackend for RandomInit {
         };
         t.to_dtype(dtype)
     }
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("random init needs a shape for {name}")
     }
     fn contains_tensor(&self, _name: &str) -> bool {
@@ -71,8 +87,16 @@ impl SimpleBackend for RandomInit {
 }
 
 /// A CLIP with random weights for `config`.
-pub fn random_clip(config: &super::ClipConfig, seed: u64, device: &Device) -> crate::Result<super::Clip> {
-    let vb = candle_nn::VarBuilder::from_backend(Box::new(RandomInit { seed }), DType::F32, device.clone());
+pub fn random_clip(
+    config: &super::ClipConfig,
+    seed: u64,
+    device: &Device,
+) -> crate::Result<super::Clip> {
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(RandomInit { seed }),
+        DType::F32,
+        device.clone(),
+    );
     let (vision, text, logit_scale) = super::Clip::from_varbuilder(vb, config)?;
     Ok(super::Clip {
         config: config.clone(),
@@ -88,7 +112,11 @@ pub fn random_clip(config: &super::ClipConfig, seed: u64, device: &Device) -> cr
 /// Configs of the real OpenAI ViT models by short name (`b32`, `b16`, `l14`).
 pub fn preset(name: &str) -> Option<super::ClipConfig> {
     let mut c = super::ClipConfig::default();
-    match name.to_ascii_lowercase().replace(['-', '/', '_'], "").as_str() {
+    match name
+        .to_ascii_lowercase()
+        .replace(['-', '/', '_'], "")
+        .as_str()
+    {
         "b32" | "vitb32" => c.vision_config.patch_size = 32,
         "b16" | "vitb16" => c.vision_config.patch_size = 16,
         "l14" | "vitl14" => {

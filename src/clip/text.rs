@@ -36,7 +36,10 @@ impl TextTransformer {
         let tm = vb.pp("text_model");
         let emb = tm.pp("embeddings");
         let token_embedding = emb.get((cfg.vocab_size, w), "token_embedding.weight")?;
-        let position_embedding = emb.get((cfg.max_position_embeddings, w), "position_embedding.weight")?;
+        let position_embedding = emb.get(
+            (cfg.max_position_embeddings, w),
+            "position_embedding.weight",
+        )?;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
                 Block::load(
@@ -51,7 +54,14 @@ impl TextTransformer {
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::load(tm.pp("final_layer_norm"), w, cfg.layer_norm_eps)?;
         let projection = Linear::load(vb.pp("text_projection"), w, projection_dim, false)?;
-        Ok(Self { cfg: cfg.clone(), token_embedding, position_embedding, blocks, final_layer_norm, projection })
+        Ok(Self {
+            cfg: cfg.clone(),
+            token_embedding,
+            position_embedding,
+            blocks,
+            final_layer_norm,
+            projection,
+        })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -67,7 +77,9 @@ impl TextTransformer {
     pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
         let (c, l) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        self.token_embedding.index_select(&flat, 0)?.reshape((c, l, self.cfg.hidden_size))
+        self.token_embedding
+            .index_select(&flat, 0)?
+            .reshape((c, l, self.cfg.hidden_size))
     }
 
     /// EOT position of each row of `ids`: the first `eos_token_id`, or the arg-max id for
@@ -76,12 +88,18 @@ impl TextTransformer {
         ids.iter()
             .map(|row| {
                 let argmax = || {
-                    row.iter().enumerate().max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i))).map(|(i, _)| i).unwrap_or(0)
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i)))
+                        .map(|(i, _)| i)
+                        .unwrap_or(0)
                 };
                 if self.cfg.eos_token_id == 2 {
                     argmax()
                 } else {
-                    row.iter().position(|&t| t as i64 == self.cfg.eos_token_id).unwrap_or_else(argmax)
+                    row.iter()
+                        .position(|&t| t as i64 == self.cfg.eos_token_id)
+                        .unwrap_or_else(argmax)
                 }
             })
             .collect()
@@ -122,7 +140,11 @@ impl TextTransformer {
         for block in &self.blocks {
             x = block.forward(&x, Some(&mask), false)?.0;
         }
-        let idx: Vec<u32> = eot.iter().enumerate().map(|(i, &e)| (i * len + e) as u32).collect();
+        let idx: Vec<u32> = eot
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (i * len + e) as u32)
+            .collect();
         let idx = Tensor::from_vec(idx, c, prompts.device())?;
         let pooled = x.reshape((c * len, w))?.index_select(&idx, 0)?;
         let pooled = self.final_layer_norm.forward(&pooled)?;
@@ -135,22 +157,45 @@ impl TextTransformer {
     /// every class attends to the one copy: exact, and `shared / L` of the work saved (a
     /// third for four context tokens and short names). The gradient reaches the shared part
     /// through row 0 of `prompts`. Falls back to [`Self::forward_embeds`] off the CPU.
-    pub fn forward_embeds_shared(&self, prompts: &Tensor, shared: usize, eot: &[usize]) -> Result<Tensor> {
+    pub fn forward_embeds_shared(
+        &self,
+        prompts: &Tensor,
+        shared: usize,
+        eot: &[usize],
+    ) -> Result<Tensor> {
         let (c, l, w) = prompts.dims3()?;
         let len = eot.iter().max().copied().unwrap_or(0) + 1;
-        if eot.len() != c || shared == 0 || eot.iter().any(|&e| e < shared) || !super::train_ops::usable(prompts) || len > l {
+        if eot.len() != c
+            || shared == 0
+            || eot.iter().any(|&e| e < shared)
+            || !super::train_ops::usable(prompts)
+            || len > l
+        {
             return self.forward_embeds(prompts, eot);
         }
         let s = len - shared;
         let pos = &self.position_embedding;
-        let prefix = prompts.narrow(0, 0, 1)?.narrow(1, 0, shared)?.squeeze(0)?.add(&pos.narrow(0, 0, shared)?)?;
-        let suffix = prompts.narrow(1, shared, s)?.broadcast_add(&pos.narrow(0, shared, s)?)?;
+        let prefix = prompts
+            .narrow(0, 0, 1)?
+            .narrow(1, 0, shared)?
+            .squeeze(0)?
+            .add(&pos.narrow(0, 0, shared)?)?;
+        let suffix = prompts
+            .narrow(1, shared, s)?
+            .broadcast_add(&pos.narrow(0, shared, s)?)?;
         let mut x = Tensor::cat(&[&prefix, &suffix.reshape((c * s, w))?], 0)?;
         for block in &self.blocks {
             let hd = w / block.heads();
-            x = block.forward_rows(&x, super::train_ops::AttnShape::shared_prefix(shared, c, s, block.heads(), hd))?;
+            x = block.forward_rows(
+                &x,
+                super::train_ops::AttnShape::shared_prefix(shared, c, s, block.heads(), hd),
+            )?;
         }
-        let idx: Vec<u32> = eot.iter().enumerate().map(|(i, &e)| (shared + i * s + (e - shared)) as u32).collect();
+        let idx: Vec<u32> = eot
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (shared + i * s + (e - shared)) as u32)
+            .collect();
         let idx = Tensor::from_vec(idx, c, prompts.device())?;
         let pooled = self.final_layer_norm.forward(&x.index_select(&idx, 0)?)?;
         self.projection.forward(&pooled)
@@ -159,6 +204,9 @@ impl TextTransformer {
 
 /// Token ids as a `[C, L]` u32 tensor (rows padded with 0).
 pub fn ids_tensor(ids: &[Vec<u32>], len: usize, device: &Device) -> Result<Tensor> {
-    let rows: Vec<u32> = ids.iter().flat_map(|r| (0..len).map(move |j| r.get(j).copied().unwrap_or(0))).collect();
+    let rows: Vec<u32> = ids
+        .iter()
+        .flat_map(|r| (0..len).map(move |j| r.get(j).copied().unwrap_or(0)))
+        .collect();
     Tensor::from_vec(rows, (ids.len(), len), device)?.to_dtype(DType::U32)
 }

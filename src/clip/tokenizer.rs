@@ -37,7 +37,9 @@ impl std::fmt::Debug for ClipTokenizer {
 
 impl ClipTokenizer {
     pub fn new() -> Self {
-        Self { bpe: Tokenizer::new() }
+        Self {
+            bpe: Tokenizer::new(),
+        }
     }
 
     /// BPE ids of `text` after clean-up, without start/end tokens.
@@ -123,7 +125,10 @@ pub fn basic_clean(text: &str) -> String {
 
 /// `whitespace_clean`: runs of whitespace (Python's `\s`) become one space; strip.
 pub fn whitespace_clean(text: &str) -> String {
-    text.split(is_py_space).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ")
+    text.split(is_py_space)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Python's `str.isspace`, which `re`'s `\s` follows for str patterns: Unicode White_Space
@@ -135,7 +140,11 @@ fn is_py_space(c: char) -> bool {
 /// ftfy 6.3 `fix_text` with default settings, minus mojibake repair (see module docs).
 pub fn fix_text(text: &str) -> String {
     // unescape_html="auto": only when the text does not look like HTML (no '<').
-    let mut t = if text.contains('<') { text.to_string() } else { html_escape::decode_html_entities(text).into_owned() };
+    let mut t = if text.contains('<') {
+        text.to_string()
+    } else {
+        html_escape::decode_html_entities(text).into_owned()
+    };
     t = t.chars().map(fix_c1_control).collect();
     t = fix_latin_ligatures(&t);
     t = fix_character_width(&t);
@@ -147,7 +156,17 @@ pub fn fix_text(text: &str) -> String {
             c => c,
         })
         .collect();
-    t = t.replace("\r\n", "\n").chars().map(|c| if matches!(c, '\r' | '\u{2028}' | '\u{2029}' | '\u{85}') { '\n' } else { c }).collect();
+    t = t
+        .replace("\r\n", "\n")
+        .chars()
+        .map(|c| {
+            if matches!(c, '\r' | '\u{2028}' | '\u{2029}' | '\u{85}') {
+                '\n'
+            } else {
+                c
+            }
+        })
+        .collect();
     t = remove_terminal_escapes(&t);
     t.retain(|c| !is_control_to_remove(c));
     t.nfc().collect()
@@ -157,8 +176,9 @@ pub fn fix_text(text: &str) -> String {
 /// bytes that Windows-1252 leaves undefined stay as they are.
 fn fix_c1_control(c: char) -> char {
     const CP1252: [char; 32] = [
-        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž', '\u{8f}',
-        '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}', 'ž', 'Ÿ',
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8d}', 'Ž',
+        '\u{8f}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9d}',
+        'ž', 'Ÿ',
     ];
     let u = c as u32;
     if (0x80..=0x9f).contains(&u) {
@@ -240,5 +260,11 @@ fn remove_terminal_escapes(t: &str) -> String {
 
 fn is_control_to_remove(c: char) -> bool {
     let u = c as u32;
-    u < 0x09 || u == 0x0b || (0x0e..0x20).contains(&u) || u == 0x7f || (0x206a..0x2070).contains(&u) || u == 0xfeff || (0xfff9..0xfffd).contains(&u)
+    u < 0x09
+        || u == 0x0b
+        || (0x0e..0x20).contains(&u)
+        || u == 0x7f
+        || (0x206a..0x2070).contains(&u)
+        || u == 0xfeff
+        || (0xfff9..0xfffd).contains(&u)
 }

@@ -19,7 +19,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use super::kernels::{contiguous_f32, exp_f32, has_avx2, rows_per_task};
@@ -113,7 +115,11 @@ fn ln_bwd_row_generic(x: &[f32], gamma: &[f32], g: &[f32], eps: f32, dx: &mut [f
 fn bias_act_fwd_row_generic(h: &[f32], bias: &[f32], quick_gelu: bool, y: &mut [f32]) {
     for ((yv, hv), b) in y.iter_mut().zip(h).zip(bias) {
         let v = hv + b;
-        *yv = if quick_gelu { v / (1.0 + exp_f32(-1.702 * v)) } else { v };
+        *yv = if quick_gelu {
+            v / (1.0 + exp_f32(-1.702 * v))
+        } else {
+            v
+        };
     }
 }
 
@@ -146,11 +152,24 @@ mod avx2 {
         super::quick_gelu_bwd_row_generic(h, bias, g, dh)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attn_fwd(s: &super::AttnShape, g: &super::Group, qkv: &[f32], o: &mut [f32], p: &mut [f32]) {
+    pub unsafe fn attn_fwd(
+        s: &super::AttnShape,
+        g: &super::Group,
+        qkv: &[f32],
+        o: &mut [f32],
+        p: &mut [f32],
+    ) {
         super::attn_fwd_generic(s, g, qkv, o, p)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attn_bwd(s: &super::AttnShape, g: &super::Group, qkv: &[f32], p: &[f32], dout: &[f32], dqkv: &mut [f32]) {
+    pub unsafe fn attn_bwd(
+        s: &super::AttnShape,
+        g: &super::Group,
+        qkv: &[f32],
+        p: &[f32],
+        dout: &[f32],
+        dqkv: &mut [f32],
+    ) {
         super::attn_bwd_generic(s, g, qkv, p, dout, dqkv)
     }
 }
@@ -175,7 +194,12 @@ macro_rules! dispatch {
 }
 
 /// Apply `f(row_in.., row_out)` over rows in parallel.
-fn rows_par(n_in: &[&[f32]], cols: usize, out: &mut [f32], f: impl Fn(&[&[f32]], &mut [f32]) + Sync) {
+fn rows_par(
+    n_in: &[&[f32]],
+    cols: usize,
+    out: &mut [f32],
+    f: impl Fn(&[&[f32]], &mut [f32]) + Sync,
+) {
     let chunk = cols * rows_per_task(cols);
     out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
         let start = ci * chunk;
@@ -207,7 +231,9 @@ impl CustomOp1 for LayerNormOp {
         let mut y = vec![0f32; x.len()];
         let fast = has_avx2();
         let (g, b, eps) = (&self.gamma[..], &self.beta[..], self.eps);
-        rows_par(&[x], cols, &mut y, |r, o| dispatch!(fast, ln_fwd_row(r[0], g, b, eps, o), ln_fwd_row_generic));
+        rows_par(&[x], cols, &mut y, |r, o| {
+            dispatch!(fast, ln_fwd_row(r[0], g, b, eps, o), ln_fwd_row_generic)
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -217,14 +243,20 @@ impl CustomOp1 for LayerNormOp {
         let mut dx = vec![0f32; x.len()];
         let fast = has_avx2();
         let (gm, eps) = (&self.gamma[..], self.eps);
-        rows_par(&[&x, &g], cols, &mut dx, |r, o| dispatch!(fast, ln_bwd_row(r[0], gm, r[1], eps, o), ln_bwd_row_generic));
+        rows_par(&[&x, &g], cols, &mut dx, |r, o| {
+            dispatch!(fast, ln_bwd_row(r[0], gm, r[1], eps, o), ln_bwd_row_generic)
+        });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), &Device::Cpu)?))
     }
 }
 
 /// Layer norm over the last dimension with frozen `gamma`, `beta`, differentiable in `x`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let op = LayerNormOp { gamma: gamma.to_vec1()?, beta: beta.to_vec1()?, eps: eps as f32 };
+    let op = LayerNormOp {
+        gamma: gamma.to_vec1()?,
+        beta: beta.to_vec1()?,
+        eps: eps as f32,
+    };
     x.contiguous()?.apply_op1(op)
 }
 
@@ -240,16 +272,34 @@ impl CustomOp2 for LinearOp {
         "tr-train-linear"
     }
     /// `s1` is the input (only linked for the backward), `s2` the product `x W^T`.
-    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let h = contiguous_f32(s2, l2, "linear")?;
         let cols = self.bias.len();
         let mut y = vec![0f32; h.len()];
         let fast = has_avx2();
         let (b, q) = (&self.bias[..], self.quick_gelu);
-        rows_par(&[h], cols, &mut y, |r, o| dispatch!(fast, bias_act_fwd_row(r[0], b, q, o), bias_act_fwd_row_generic));
+        rows_par(&[h], cols, &mut y, |r, o| {
+            dispatch!(
+                fast,
+                bias_act_fwd_row(r[0], b, q, o),
+                bias_act_fwd_row_generic
+            )
+        });
         Ok((CpuStorage::F32(y), l2.shape().clone()))
     }
-    fn bwd(&self, _x: &Tensor, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        h: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dh = if self.quick_gelu {
             let hv = storage_vec(h)?;
             let g = storage_vec(grad)?;
@@ -257,7 +307,13 @@ impl CustomOp2 for LinearOp {
             let mut dh = vec![0f32; hv.len()];
             let fast = has_avx2();
             let b = &self.bias[..];
-            rows_par(&[&hv, &g], cols, &mut dh, |r, o| dispatch!(fast, quick_gelu_bwd_row(r[0], b, r[1], o), quick_gelu_bwd_row_generic));
+            rows_par(&[&hv, &g], cols, &mut dh, |r, o| {
+                dispatch!(
+                    fast,
+                    quick_gelu_bwd_row(r[0], b, r[1], o),
+                    quick_gelu_bwd_row_generic
+                )
+            });
             Tensor::from_vec(dh, h.shape(), &Device::Cpu)?
         } else {
             grad.contiguous()?
@@ -268,14 +324,26 @@ impl CustomOp2 for LinearOp {
 
 /// `act(x W^T + b)` for 2-D `x` (`[rows, in]`) and frozen `weight` `[out, in]`, `bias` `[out]`;
 /// `quick_gelu` selects the activation (otherwise identity).
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, quick_gelu: bool) -> Result<Tensor> {
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    quick_gelu: bool,
+) -> Result<Tensor> {
     let h = x.detach().matmul(&weight.t()?)?;
     let out = weight.dim(0)?;
     let bias = match bias {
         Some(b) => b.to_vec1()?,
         None => vec![0f32; out],
     };
-    x.apply_op2(&h, LinearOp { weight: weight.clone(), bias, quick_gelu })
+    x.apply_op2(
+        &h,
+        LinearOp {
+            weight: weight.clone(),
+            bias,
+            quick_gelu,
+        },
+    )
 }
 
 /// Attention groups over the rows of a fused QKV matrix `[rows, 3D]`: each group is a list of
@@ -302,18 +370,36 @@ impl AttnShape {
     }
     /// `b` independent sequences of `l` rows.
     pub fn batch(b: usize, l: usize, heads: usize, hd: usize, causal: bool) -> Self {
-        let groups = (0..b).map(|i| Group { keys: (i * l..(i + 1) * l).collect(), queries: l }).collect();
-        Self { heads, hd, causal, groups }
+        let groups = (0..b)
+            .map(|i| Group {
+                keys: (i * l..(i + 1) * l).collect(),
+                queries: l,
+            })
+            .collect();
+        Self {
+            heads,
+            hd,
+            causal,
+            groups,
+        }
     }
     /// `p` shared prefix rows followed by `c` blocks of `s` rows (causal).
     pub fn shared_prefix(p: usize, c: usize, s: usize, heads: usize, hd: usize) -> Self {
-        let mut groups = vec![Group { keys: (0..p).collect(), queries: p }];
+        let mut groups = vec![Group {
+            keys: (0..p).collect(),
+            queries: p,
+        }];
         for ci in 0..c {
             let mut keys: Vec<usize> = (0..p).collect();
             keys.extend(p + ci * s..p + (ci + 1) * s);
             groups.push(Group { keys, queries: s });
         }
-        Self { heads, hd, causal: true, groups }
+        Self {
+            heads,
+            hd,
+            causal: true,
+            groups,
+        }
     }
 }
 
@@ -335,7 +421,10 @@ fn attn_fwd_generic(s: &AttnShape, g: &Group, qkv: &[f32], o: &mut [f32], p: &mu
             let mut max = f32::NEG_INFINITY;
             for (j, v) in row.iter_mut().enumerate().take(last) {
                 let kr = g.keys[j];
-                *v = dot(q, &qkv[kr * 3 * d + d + h * hd..kr * 3 * d + d + h * hd + hd]);
+                *v = dot(
+                    q,
+                    &qkv[kr * 3 * d + d + h * hd..kr * 3 * d + d + h * hd + hd],
+                );
                 max = max.max(*v);
             }
             let mut sum = 0f32;
@@ -353,7 +442,11 @@ fn attn_fwd_generic(s: &AttnShape, g: &Group, qkv: &[f32], o: &mut [f32], p: &mu
             let orow = &mut o[qi * d + h * hd..qi * d + h * hd + hd];
             for (j, &pij) in row.iter().enumerate().take(last) {
                 let vr = g.keys[j];
-                axpy(pij, &qkv[vr * 3 * d + 2 * d + h * hd..vr * 3 * d + 2 * d + h * hd + hd], orow);
+                axpy(
+                    pij,
+                    &qkv[vr * 3 * d + 2 * d + h * hd..vr * 3 * d + 2 * d + h * hd + hd],
+                    orow,
+                );
             }
         }
     }
@@ -361,7 +454,14 @@ fn attn_fwd_generic(s: &AttnShape, g: &Group, qkv: &[f32], o: &mut [f32], p: &mu
 
 /// One group backward: `dout` `[queries, D]` -> `dqkv` `[keys, 3D]` (rows in key order).
 #[inline(always)]
-fn attn_bwd_generic(s: &AttnShape, g: &Group, qkv: &[f32], p: &[f32], dout: &[f32], dqkv: &mut [f32]) {
+fn attn_bwd_generic(
+    s: &AttnShape,
+    g: &Group,
+    qkv: &[f32],
+    p: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
     let (hd, d) = (s.hd, s.d());
     let nk = g.keys.len();
     let nq = g.queries;
@@ -378,7 +478,10 @@ fn attn_bwd_generic(s: &AttnShape, g: &Group, qkv: &[f32], p: &[f32], dout: &[f3
             let mut acc = 0f32;
             for j in 0..last {
                 let vr = g.keys[j];
-                ds[j] = dot(dorow, &qkv[vr * 3 * d + 2 * d + h * hd..vr * 3 * d + 2 * d + h * hd + hd]);
+                ds[j] = dot(
+                    dorow,
+                    &qkv[vr * 3 * d + 2 * d + h * hd..vr * 3 * d + 2 * d + h * hd + hd],
+                );
                 acc += prow[j] * ds[j];
             }
             for j in 0..last {
@@ -390,9 +493,21 @@ fn attn_bwd_generic(s: &AttnShape, g: &Group, qkv: &[f32], p: &[f32], dout: &[f3
             let own = (first_q + qi) * 3 * d + h * hd;
             for j in 0..last {
                 let kr = g.keys[j];
-                axpy(ds[j], &qkv[kr * 3 * d + d + h * hd..kr * 3 * d + d + h * hd + hd], &mut dqkv[own..own + hd]);
-                axpy(ds[j], qrow, &mut dqkv[j * 3 * d + d + h * hd..j * 3 * d + d + h * hd + hd]);
-                axpy(prow[j], dorow, &mut dqkv[j * 3 * d + 2 * d + h * hd..j * 3 * d + 2 * d + h * hd + hd]);
+                axpy(
+                    ds[j],
+                    &qkv[kr * 3 * d + d + h * hd..kr * 3 * d + d + h * hd + hd],
+                    &mut dqkv[own..own + hd],
+                );
+                axpy(
+                    ds[j],
+                    qrow,
+                    &mut dqkv[j * 3 * d + d + h * hd..j * 3 * d + d + h * hd + hd],
+                );
+                axpy(
+                    prow[j],
+                    dorow,
+                    &mut dqkv[j * 3 * d + 2 * d + h * hd..j * 3 * d + 2 * d + h * hd + hd],
+                );
             }
         }
     }
@@ -412,7 +527,12 @@ impl CustomOp1 for AttentionOp {
         let sh = &self.shape;
         let d = sh.d();
         let rows = qkv.len() / (3 * d).max(1);
-        if l.dims() != [rows, 3 * d] || sh.groups.iter().any(|g| g.keys.iter().any(|&r| r >= rows) || g.queries > g.keys.len()) {
+        if l.dims() != [rows, 3 * d]
+            || sh
+                .groups
+                .iter()
+                .any(|g| g.keys.iter().any(|&r| r >= rows) || g.queries > g.keys.len())
+        {
             candle_core::bail!("attention: qkv of {:?} does not fit the groups", l.dims());
         }
         let fast = has_avx2();
@@ -444,7 +564,10 @@ impl CustomOp1 for AttentionOp {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let qkv = storage_vec(arg)?;
         let g = storage_vec(grad)?;
-        let probs = self.probs.lock().map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?;
+        let probs = self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?;
         let sh = &self.shape;
         let d = sh.d();
         let fast = has_avx2();
@@ -460,7 +583,11 @@ impl CustomOp1 for AttentionOp {
                     row.copy_from_slice(&g[r * d..(r + 1) * d]);
                 }
                 let mut local = vec![0f32; gr.keys.len() * 3 * d];
-                dispatch!(fast, attn_bwd(sh, gr, &qkv, p, &dout, &mut local), attn_bwd_generic);
+                dispatch!(
+                    fast,
+                    attn_bwd(sh, gr, &qkv, p, &dout, &mut local),
+                    attn_bwd_generic
+                );
                 local
             })
             .collect();
@@ -485,12 +612,21 @@ pub fn attention(qkv: &Tensor, b: usize, l: usize, heads: usize, causal: bool) -
 
 /// Attention over fused QKV rows arranged in `shape`'s groups.
 pub fn attention_groups(qkv: &Tensor, shape: AttnShape) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(AttentionOp { shape, probs: Mutex::new(Vec::new()) })
+    qkv.contiguous()?.apply_op1(AttentionOp {
+        shape,
+        probs: Mutex::new(Vec::new()),
+    })
 }
 
 /// Column sums over rows of `a` (and of `a * b` when given), in parallel row chunks.
-fn column_sums(cols: usize, rows: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync) -> (Vec<f32>, Vec<f32>) {
-    let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+fn column_sums(
+    cols: usize,
+    rows: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> (Vec<f32>, Vec<f32>) {
+    let chunk = rows
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
     let parts: Vec<(Vec<f32>, Vec<f32>)> = (0..rows.div_ceil(chunk))
         .into_par_iter()
         .map(|ci| {
@@ -521,15 +657,36 @@ impl CustomOp3 for LinearWeightGradOp {
         "tr-train-linear-wgrad"
     }
     /// `(w, b, h = x w^T)` -> `h + b`.
-    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let b = contiguous_f32(s2, l2, "linear bias")?;
         let h = contiguous_f32(s3, l3, "linear")?;
         let mut y = vec![0f32; h.len()];
         let fast = has_avx2();
-        rows_par(&[h], b.len(), &mut y, |r, o| dispatch!(fast, bias_act_fwd_row(r[0], b, false, o), bias_act_fwd_row_generic));
+        rows_par(&[h], b.len(), &mut y, |r, o| {
+            dispatch!(
+                fast,
+                bias_act_fwd_row(r[0], b, false, o),
+                bias_act_fwd_row_generic
+            )
+        });
         Ok((CpuStorage::F32(y), l3.shape().clone()))
     }
-    fn bwd(&self, _w: &Tensor, _b: &Tensor, _h: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _w: &Tensor,
+        _b: &Tensor,
+        _h: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dw = g.t()?.matmul(&self.x)?;
         let db = g.sum(0)?;
         Ok((Some(dw), Some(db), None))
@@ -556,7 +713,15 @@ impl CustomOp3 for BatchNormReluOp {
     fn name(&self) -> &'static str {
         "tr-train-batch-norm-relu"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let y = contiguous_f32(s1, l1, "batch_norm")?;
         let gamma = contiguous_f32(s2, l2, "batch_norm weight")?;
         let beta = contiguous_f32(s3, l3, "batch_norm bias")?;
@@ -574,25 +739,47 @@ impl CustomOp3 for BatchNormReluOp {
             }
         });
         let var: Vec<f32> = sq.iter().map(|v| v / n as f32).collect();
-        let scale: Vec<f32> = var.iter().zip(gamma).map(|(v, g)| g / (v + self.eps).sqrt()).collect();
+        let scale: Vec<f32> = var
+            .iter()
+            .zip(gamma)
+            .map(|(v, g)| g / (v + self.eps).sqrt())
+            .collect();
         let mut z = vec![0f32; y.len()];
-        z.par_chunks_mut(d * rows_per_task(d)).enumerate().for_each(|(ci, zc)| {
-            let start = ci * d * rows_per_task(d);
-            for (ri, zr) in zc.chunks_mut(d).enumerate() {
-                let yr = &y[start + ri * d..start + (ri + 1) * d];
-                for k in 0..d {
-                    zr[k] = ((yr[k] - mean[k]) * scale[k] + beta[k]).max(0.0);
+        z.par_chunks_mut(d * rows_per_task(d))
+            .enumerate()
+            .for_each(|(ci, zc)| {
+                let start = ci * d * rows_per_task(d);
+                for (ri, zr) in zc.chunks_mut(d).enumerate() {
+                    let yr = &y[start + ri * d..start + (ri + 1) * d];
+                    for k in 0..d {
+                        zr[k] = ((yr[k] - mean[k]) * scale[k] + beta[k]).max(0.0);
+                    }
                 }
-            }
-        });
+            });
         if let Ok(mut st) = self.stats.lock() {
             *st = (mean, var);
         }
         Ok((CpuStorage::F32(z), l1.shape().clone()))
     }
-    fn bwd(&self, y: &Tensor, gamma: &Tensor, _beta: &Tensor, z: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (yv, zv, gv, gm) = (storage_vec(y)?, storage_vec(z)?, storage_vec(g)?, gamma.to_vec1::<f32>()?);
-        let (mean, var) = self.stats.lock().map_err(|_| candle_core::Error::Msg("batch_norm: poisoned lock".into()))?.clone();
+    fn bwd(
+        &self,
+        y: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        z: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (yv, zv, gv, gm) = (
+            storage_vec(y)?,
+            storage_vec(z)?,
+            storage_vec(g)?,
+            gamma.to_vec1::<f32>()?,
+        );
+        let (mean, var) = self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("batch_norm: poisoned lock".into()))?
+            .clone();
         let d = gm.len();
         let n = yv.len() / d.max(1);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
@@ -608,27 +795,46 @@ impl CustomOp3 for BatchNormReluOp {
         });
         let mut dy = vec![0f32; yv.len()];
         let nf = n as f32;
-        dy.par_chunks_mut(d * rows_per_task(d)).enumerate().for_each(|(ci, dc)| {
-            let start = ci * d * rows_per_task(d);
-            for (ri, dr) in dc.chunks_mut(d).enumerate() {
-                let base = start + ri * d;
-                for k in 0..d {
-                    let i = base + k;
-                    let gz = if zv[i] > 0.0 { gv[i] } else { 0.0 };
-                    let yh = (yv[i] - mean[k]) * rstd[k];
-                    dr[k] = gm[k] * rstd[k] * (gz - s_gz[k] / nf - yh * s_gzy[k] / nf);
+        dy.par_chunks_mut(d * rows_per_task(d))
+            .enumerate()
+            .for_each(|(ci, dc)| {
+                let start = ci * d * rows_per_task(d);
+                for (ri, dr) in dc.chunks_mut(d).enumerate() {
+                    let base = start + ri * d;
+                    for k in 0..d {
+                        let i = base + k;
+                        let gz = if zv[i] > 0.0 { gv[i] } else { 0.0 };
+                        let yh = (yv[i] - mean[k]) * rstd[k];
+                        dr[k] = gm[k] * rstd[k] * (gz - s_gz[k] / nf - yh * s_gzy[k] / nf);
+                    }
                 }
-            }
-        });
+            });
         let dev = &Device::Cpu;
-        Ok((Some(Tensor::from_vec(dy, y.shape(), dev)?), Some(Tensor::from_vec(s_gzy, d, dev)?), Some(Tensor::from_vec(s_gz, d, dev)?)))
+        Ok((
+            Some(Tensor::from_vec(dy, y.shape(), dev)?),
+            Some(Tensor::from_vec(s_gzy, d, dev)?),
+            Some(Tensor::from_vec(s_gz, d, dev)?),
+        ))
     }
 }
 
 /// `relu(BatchNorm(y))` in training mode (batch statistics over the rows of `y` `[n, d]`),
 /// differentiable in `y`, `gamma`, `beta`; the batch mean and biased variance land in `stats`.
-pub fn batch_norm_relu(y: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, stats: &BatchStats) -> Result<Tensor> {
-    y.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, BatchNormReluOp { eps: eps as f32, stats: stats.clone() })
+pub fn batch_norm_relu(
+    y: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    stats: &BatchStats,
+) -> Result<Tensor> {
+    y.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BatchNormReluOp {
+            eps: eps as f32,
+            stats: stats.clone(),
+        },
+    )
 }
 
 struct L2NormalizeOp;
@@ -680,11 +886,23 @@ mod tests {
     use candle_core::{Var, D};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     /// Value and gradient of ours against candle's composite for a scalar loss `sum(y * w)`.
-    fn check(f_ours: impl Fn(&Tensor) -> Tensor, f_ref: impl Fn(&Tensor) -> Tensor, shape: (usize, usize), tol: f32) {
+    fn check(
+        f_ours: impl Fn(&Tensor) -> Tensor,
+        f_ref: impl Fn(&Tensor) -> Tensor,
+        shape: (usize, usize),
+        tol: f32,
+    ) {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
         let y1 = f_ours(x.as_tensor());
@@ -693,9 +911,23 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, y1.shape(), &dev).unwrap();
         let g1 = (y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (y2 * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
-        assert!(max_diff(a, b) / scale < tol, "grad {}", max_diff(a, b) / scale);
+        let (a, b) = (
+            g1.get(x.as_tensor()).unwrap(),
+            g2.get(x.as_tensor()).unwrap(),
+        );
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .max(1.0);
+        assert!(
+            max_diff(a, b) / scale < tol,
+            "grad {}",
+            max_diff(a, b) / scale
+        );
     }
 
     #[test]
@@ -703,7 +935,12 @@ mod tests {
         let dev = Device::Cpu;
         let g = Tensor::randn(1f32, 0.2, 37, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.2, 37, &dev).unwrap();
-        check(|x| layer_norm(x, &g, &b, 1e-5).unwrap(), |x| candle_nn::ops::layer_norm_slow(x, &g, &b, 1e-5).unwrap(), (13, 37), 2e-5);
+        check(
+            |x| layer_norm(x, &g, &b, 1e-5).unwrap(),
+            |x| candle_nn::ops::layer_norm_slow(x, &g, &b, 1e-5).unwrap(),
+            (13, 37),
+            2e-5,
+        );
     }
 
     #[test]
@@ -715,7 +952,11 @@ mod tests {
             check(
                 |x| linear(x, &w, Some(&b), q).unwrap(),
                 |x| {
-                    let h = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+                    let h = x
+                        .matmul(&w.t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&b)
+                        .unwrap();
                     if q {
                         (&h * candle_nn::ops::sigmoid(&(&h * 1.702).unwrap()).unwrap()).unwrap()
                     } else {
@@ -733,7 +974,17 @@ mod tests {
         let dev = Device::Cpu;
         let xc = Tensor::randn(0f32, 1.0, (29, 11), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.3, 13, &dev).unwrap();
-        check(|w| linear_weight_grad(&xc, w, &b).unwrap(), |w| xc.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap(), (13, 11), 2e-5);
+        check(
+            |w| linear_weight_grad(&xc, w, &b).unwrap(),
+            |w| {
+                xc.matmul(&w.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b)
+                    .unwrap()
+            },
+            (13, 11),
+            2e-5,
+        );
         let gamma = Tensor::randn(1f32, 0.2, 11, &dev).unwrap();
         let beta = Tensor::randn(0f32, 0.5, 11, &dev).unwrap();
         let stats: BatchStats = Default::default();
@@ -741,23 +992,59 @@ mod tests {
             let mean = y.mean(0).unwrap();
             let c = y.broadcast_sub(&mean).unwrap();
             let var = c.sqr().unwrap().mean(0).unwrap();
-            c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&gamma).unwrap().broadcast_add(&beta).unwrap().relu().unwrap()
+            c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .broadcast_mul(&gamma)
+                .unwrap()
+                .broadcast_add(&beta)
+                .unwrap()
+                .relu()
+                .unwrap()
         };
-        check(|y| batch_norm_relu(y, &gamma, &beta, 1e-5, &stats).unwrap(), reference, (29, 11), 2e-5);
-        check(|x| l2_normalize(x).unwrap(), |x| crate::clip::l2_normalize(x).unwrap(), (29, 11), 2e-5);
+        check(
+            |y| batch_norm_relu(y, &gamma, &beta, 1e-5, &stats).unwrap(),
+            reference,
+            (29, 11),
+            2e-5,
+        );
+        check(
+            |x| l2_normalize(x).unwrap(),
+            |x| crate::clip::l2_normalize(x).unwrap(),
+            (29, 11),
+            2e-5,
+        );
         // gradients of gamma and beta
         let y = Tensor::randn(0f32, 1.0, (29, 11), &dev).unwrap();
         let gv = Var::from_tensor(&gamma).unwrap();
         let bv = Var::from_tensor(&beta).unwrap();
         let w = Tensor::randn(0f32, 1.0, (29, 11), &dev).unwrap();
-        let ours = (batch_norm_relu(&y, gv.as_tensor(), bv.as_tensor(), 1e-5, &stats).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let ours = (batch_norm_relu(&y, gv.as_tensor(), bv.as_tensor(), 1e-5, &stats).unwrap()
+            * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let mean = y.mean(0).unwrap();
         let c = y.broadcast_sub(&mean).unwrap();
         let var = c.sqr().unwrap().mean(0).unwrap();
-        let r = c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(gv.as_tensor()).unwrap().broadcast_add(bv.as_tensor()).unwrap().relu().unwrap();
+        let r = c
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(gv.as_tensor())
+            .unwrap()
+            .broadcast_add(bv.as_tensor())
+            .unwrap()
+            .relu()
+            .unwrap();
         let theirs = (r * &w).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&gv, &bv] {
-            assert!(max_diff(ours.get(v.as_tensor()).unwrap(), theirs.get(v.as_tensor()).unwrap()) < 1e-4);
+            assert!(
+                max_diff(
+                    ours.get(v.as_tensor()).unwrap(),
+                    theirs.get(v.as_tensor()).unwrap()
+                ) < 1e-4
+            );
         }
     }
 
@@ -769,14 +1056,35 @@ mod tests {
             check(
                 |x| attention(x, b, l, heads, causal).unwrap(),
                 |x| {
-                    let qkv = x.reshape((b, l, 3, heads, hd)).unwrap().permute((2, 0, 3, 1, 4)).unwrap();
-                    let (q, k, v) = (qkv.get(0).unwrap(), qkv.get(1).unwrap(), qkv.get(2).unwrap());
-                    let mut s = q.contiguous().unwrap().matmul(&k.contiguous().unwrap().t().unwrap()).unwrap();
+                    let qkv = x
+                        .reshape((b, l, 3, heads, hd))
+                        .unwrap()
+                        .permute((2, 0, 3, 1, 4))
+                        .unwrap();
+                    let (q, k, v) = (
+                        qkv.get(0).unwrap(),
+                        qkv.get(1).unwrap(),
+                        qkv.get(2).unwrap(),
+                    );
+                    let mut s = q
+                        .contiguous()
+                        .unwrap()
+                        .matmul(&k.contiguous().unwrap().t().unwrap())
+                        .unwrap();
                     if causal {
-                        s = s.broadcast_add(&super::super::text::causal_mask(l, &Device::Cpu).unwrap()).unwrap();
+                        s = s
+                            .broadcast_add(
+                                &super::super::text::causal_mask(l, &Device::Cpu).unwrap(),
+                            )
+                            .unwrap();
                     }
                     let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-                    p.matmul(&v.contiguous().unwrap()).unwrap().transpose(1, 2).unwrap().reshape((b * l, d)).unwrap()
+                    p.matmul(&v.contiguous().unwrap())
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b * l, d))
+                        .unwrap()
                 },
                 (b * l, 3 * d),
                 2e-5,

@@ -54,7 +54,8 @@ impl VisionTransformer {
         let conv = emb.get((d, c, p, p), "patch_embedding.weight")?;
         let patch_weight = conv.reshape((d, c * p * p))?;
         let class_embedding = emb.get(d, "class_embedding")?;
-        let position_embedding = emb.get((cfg.num_patches() + 1, d), "position_embedding.weight")?;
+        let position_embedding =
+            emb.get((cfg.num_patches() + 1, d), "position_embedding.weight")?;
         let pre_layrnorm = LayerNorm::load(vm.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -105,8 +106,13 @@ impl VisionTransformer {
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))? // [B, gy, gx, C, py, px]
             .reshape((b * g * g, c * p * p))?;
-        let x = patches.matmul(&self.patch_weight.t()?)?.reshape((b, g * g, d))?;
-        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((b, 1, d))?;
+        let x = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, g * g, d))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
         Tensor::cat(&[&cls, &x], 1)?.broadcast_add(&self.position_embedding)
     }
 
@@ -135,15 +141,26 @@ impl VisionTransformer {
         let n = tokens.dim(1)?;
         let cls_attn = match probs {
             // [B, H, N, N] -> mean over heads -> CLS row -> patch columns
-            Some(p) => p.narrow(2, 0, 1)?.narrow(3, 1, n - 1)?.mean(1)?.squeeze(1)?,
+            Some(p) => p
+                .narrow(2, 0, 1)?
+                .narrow(3, 1, n - 1)?
+                .mean(1)?
+                .squeeze(1)?,
             None => Tensor::zeros((tokens.dim(0)?, n - 1), tokens.dtype(), tokens.device())?,
         };
-        Ok(VisionOutput { image_embeds, tokens, cls_attn, hidden_states })
+        Ok(VisionOutput {
+            image_embeds,
+            tokens,
+            cls_attn,
+            hidden_states,
+        })
     }
 
     /// Image embeddings only (same pass; convenience).
     pub fn embed_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(pixels, &VisionOptions::default())?.image_embeds)
+        Ok(self
+            .forward(pixels, &VisionOptions::default())?
+            .image_embeds)
     }
 }
 

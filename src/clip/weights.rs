@@ -62,7 +62,11 @@ impl ModelFiles {
         let index = path.join("model.safetensors.index.json");
         let weights = if index.is_file() {
             shards_from_index(&index)?
-        } else if let Some(w) = WEIGHT_FILES.iter().map(|f| path.join(f)).find(|p| p.is_file()) {
+        } else if let Some(w) = WEIGHT_FILES
+            .iter()
+            .map(|f| path.join(f))
+            .find(|p| p.is_file())
+        {
             vec![w]
         } else {
             let found: Vec<String> = std::fs::read_dir(path)
@@ -76,11 +80,20 @@ impl ModelFiles {
                 format!(
                     "no CLIP weights in this folder: expected one of {} (found: {})",
                     WEIGHT_FILES.join(", "),
-                    if found.is_empty() { "nothing".to_string() } else { found.join(", ") }
+                    if found.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        found.join(", ")
+                    }
                 ),
             ));
         };
-        Ok(Self { spec, hf_config, open_clip_config, weights })
+        Ok(Self {
+            spec,
+            hf_config,
+            open_clip_config,
+            weights,
+        })
     }
 
     /// Resolve a hub id through the hf-hub cache at `cache_dir` (default: `HF_HOME` or
@@ -92,11 +105,16 @@ impl ModelFiles {
             None => hf_hub::Cache::from_env(),
         };
         let cached = cache.model(id.to_string());
-        let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+            .unwrap_or(false);
         let api = if offline {
             None
         } else {
-            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).with_progress(true).build().ok()
+            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                .with_progress(true)
+                .build()
+                .ok()
         };
         let mut errors = Vec::new();
         let mut get = |file: &str| -> Option<PathBuf> {
@@ -120,9 +138,18 @@ impl ModelFiles {
                 break;
             }
         }
-        let open_clip_config = if hf_config.is_none() { get("open_clip_config.json") } else { None };
+        let open_clip_config = if hf_config.is_none() {
+            get("open_clip_config.json")
+        } else {
+            None
+        };
         match weights {
-            Some(w) => Ok(Self { spec: id.to_string(), hf_config, open_clip_config, weights: vec![w] }),
+            Some(w) => Ok(Self {
+                spec: id.to_string(),
+                hf_config,
+                open_clip_config,
+                weights: vec![w],
+            }),
             None => Err(Error::Hub {
                 id: id.to_string(),
                 msg: format!(
@@ -133,7 +160,10 @@ impl ModelFiles {
                     } else if errors.is_empty() {
                         "the hub could not be reached".to_string()
                     } else {
-                        format!("downloading failed: {}", errors.first().cloned().unwrap_or_default())
+                        format!(
+                            "downloading failed: {}",
+                            errors.first().cloned().unwrap_or_default()
+                        )
                     }
                 ),
             }),
@@ -149,7 +179,10 @@ impl ModelFiles {
         if looks_like_hub_id(spec) {
             return Self::from_hub(spec, hub_cache);
         }
-        Err(Error::model(path, "no such folder or file (and not a hub id of the form owner/name)"))
+        Err(Error::model(
+            path,
+            "no such folder or file (and not a hub id of the form owner/name)",
+        ))
     }
 }
 
@@ -157,20 +190,27 @@ fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::weights(index, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::weights(index, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::weights(index, "no weight_map"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files)
@@ -182,12 +222,18 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     if meta.len() == 0 {
         return Err(Error::weights(path, "the file is empty (0 bytes)"));
     }
-    let is_safetensors = path.extension().map(|e| e == "safetensors").unwrap_or(false);
+    let is_safetensors = path
+        .extension()
+        .map(|e| e == "safetensors")
+        .unwrap_or(false);
     if is_safetensors {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         // Validate first for a precise message on truncated or corrupt files.
         safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            Error::weights(path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+            Error::weights(
+                path,
+                format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            )
         })?;
         candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| Error::weights(path, format!("cannot read tensors: {e}")))
@@ -213,7 +259,12 @@ fn read_pickle(path: &Path) -> Result<HashMap<String, Tensor>> {
                             out.insert(name, t);
                         }
                         Ok(None) => {}
-                        Err(e) => return Err(Error::weights(path, format!("cannot read tensor {name}: {e}"))),
+                        Err(e) => {
+                            return Err(Error::weights(
+                                path,
+                                format!("cannot read tensor {name}: {e}"),
+                            ))
+                        }
                     }
                 }
                 return Ok(out);
@@ -234,15 +285,24 @@ fn read_pickle(path: &Path) -> Result<HashMap<String, Tensor>> {
 pub fn detect_naming(keys: &HashMap<String, Tensor>, path: &Path) -> Result<Naming> {
     if keys.contains_key("vision_model.embeddings.patch_embedding.weight") {
         if !keys.contains_key("text_model.embeddings.token_embedding.weight") {
-            return Err(Error::weights(path, "a vision-only CLIP (CLIPVisionModel): the explorer needs both towers"));
+            return Err(Error::weights(
+                path,
+                "a vision-only CLIP (CLIPVisionModel): the explorer needs both towers",
+            ));
         }
         return Ok(Naming::HuggingFace);
     }
     if keys.contains_key("visual.conv1.weight") && keys.contains_key("visual.class_embedding") {
         return Ok(Naming::OpenAi);
     }
-    if keys.keys().any(|k| k.starts_with("visual.layer1.") || k.starts_with("visual.attnpool.")) {
-        return Err(Error::weights(path, "a ResNet CLIP (ModifiedResNet): only ViT CLIP models are supported"));
+    if keys
+        .keys()
+        .any(|k| k.starts_with("visual.layer1.") || k.starts_with("visual.attnpool."))
+    {
+        return Err(Error::weights(
+            path,
+            "a ResNet CLIP (ModifiedResNet): only ViT CLIP models are supported",
+        ));
     }
     let sample: Vec<&String> = keys.keys().take(5).collect();
     Err(Error::weights(
@@ -255,7 +315,10 @@ pub fn detect_naming(keys: &HashMap<String, Tensor>, path: &Path) -> Result<Nami
 pub fn strip_prefixes(mut ts: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
     for prefix in ["module.", "model.", "clip."] {
         if !ts.is_empty() && ts.keys().all(|k| k.starts_with(prefix)) {
-            ts = ts.into_iter().map(|(k, v)| (k[prefix.len()..].to_string(), v)).collect();
+            ts = ts
+                .into_iter()
+                .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+                .collect();
         }
     }
     ts
@@ -275,7 +338,9 @@ fn count_blocks(ts: &HashMap<String, Tensor>, prefix: &str) -> usize {
 /// `build_model` does; quick GELU as OpenAI's models use).
 pub fn infer_openai_config(ts: &HashMap<String, Tensor>, path: &Path) -> Result<ClipConfig> {
     let dims = |k: &str| -> Result<Vec<usize>> {
-        ts.get(k).map(|t| t.dims().to_vec()).ok_or_else(|| Error::weights(path, format!("missing tensor {k}")))
+        ts.get(k)
+            .map(|t| t.dims().to_vec())
+            .ok_or_else(|| Error::weights(path, format!("missing tensor {k}")))
     };
     let conv = dims("visual.conv1.weight")?;
     let vpos = dims("visual.positional_embedding")?;
@@ -283,14 +348,19 @@ pub fn infer_openai_config(ts: &HashMap<String, Tensor>, path: &Path) -> Result<
     let tpos = dims("positional_embedding")?;
     let tproj = dims("text_projection")?;
     if conv.len() != 4 || vpos.len() != 2 || tok.len() != 2 || tpos.len() != 2 || tproj.len() != 2 {
-        return Err(Error::weights(path, "unexpected tensor ranks for an OpenAI CLIP state dict"));
+        return Err(Error::weights(
+            path,
+            "unexpected tensor ranks for an OpenAI CLIP state dict",
+        ));
     }
     let vw = conv[0];
     let patch = conv[3];
     let grid = ((vpos[0] - 1) as f64).sqrt().round() as usize;
     let tw = tok[1];
     let mlp = |prefix: &str, w: usize| -> usize {
-        ts.get(&format!("{prefix}0.mlp.c_fc.weight")).map(|t| t.dims()[0]).unwrap_or(4 * w)
+        ts.get(&format!("{prefix}0.mlp.c_fc.weight"))
+            .map(|t| t.dims()[0])
+            .unwrap_or(4 * w)
     };
     let mut cfg = ClipConfig::default();
     cfg.vision_config.hidden_size = vw;
@@ -307,7 +377,8 @@ pub fn infer_openai_config(ts: &HashMap<String, Tensor>, path: &Path) -> Result<
     cfg.text_config.intermediate_size = mlp("transformer.resblocks.", tw);
     cfg.text_config.eos_token_id = 2; // arg-max pooling, as OpenAI's encode_text
     cfg.projection_dim = tproj[1];
-    cfg.validate().map_err(|m| Error::weights(path, format!("inferred config is invalid: {m}")))?;
+    cfg.validate()
+        .map_err(|m| Error::weights(path, format!("inferred config is invalid: {m}")))?;
     Ok(cfg)
 }
 
@@ -315,13 +386,16 @@ pub fn infer_openai_config(ts: &HashMap<String, Tensor>, path: &Path) -> Result<
 /// split into q/k/v; `proj` / `text_projection` (`x @ P`) are transposed to linear weights.
 pub fn openai_to_hf(ts: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::with_capacity(ts.len() + 64);
-    let wrap = |e: candle_core::Error| Error::weights(path, format!("while renaming OpenAI keys: {e}"));
+    let wrap =
+        |e: candle_core::Error| Error::weights(path, format!("while renaming OpenAI keys: {e}"));
     for (k, t) in ts {
         let new_key = |s: &str| Some(s.to_string());
         let mapped: Option<String> = match k.as_str() {
             "visual.class_embedding" => new_key("vision_model.embeddings.class_embedding"),
             "visual.conv1.weight" => new_key("vision_model.embeddings.patch_embedding.weight"),
-            "visual.positional_embedding" => new_key("vision_model.embeddings.position_embedding.weight"),
+            "visual.positional_embedding" => {
+                new_key("vision_model.embeddings.position_embedding.weight")
+            }
             "visual.ln_pre.weight" => new_key("vision_model.pre_layrnorm.weight"),
             "visual.ln_pre.bias" => new_key("vision_model.pre_layrnorm.bias"),
             "visual.ln_post.weight" => new_key("vision_model.post_layernorm.weight"),
@@ -332,29 +406,43 @@ pub fn openai_to_hf(ts: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<
             "ln_final.bias" => new_key("text_model.final_layer_norm.bias"),
             "logit_scale" => new_key("logit_scale"),
             "visual.proj" => {
-                out.insert("visual_projection.weight".to_string(), t.t().and_then(|x| x.contiguous()).map_err(wrap)?);
+                out.insert(
+                    "visual_projection.weight".to_string(),
+                    t.t().and_then(|x| x.contiguous()).map_err(wrap)?,
+                );
                 None
             }
             "text_projection" => {
-                out.insert("text_projection.weight".to_string(), t.t().and_then(|x| x.contiguous()).map_err(wrap)?);
+                out.insert(
+                    "text_projection.weight".to_string(),
+                    t.t().and_then(|x| x.contiguous()).map_err(wrap)?,
+                );
                 None
             }
             _ => {
-                let (hf_prefix, rest) = if let Some(r) = k.strip_prefix("visual.transformer.resblocks.") {
-                    ("vision_model.encoder.layers.", r)
-                } else if let Some(r) = k.strip_prefix("transformer.resblocks.") {
-                    ("text_model.encoder.layers.", r)
-                } else {
-                    continue; // unused keys (attn_mask buffers, ...)
-                };
+                let (hf_prefix, rest) =
+                    if let Some(r) = k.strip_prefix("visual.transformer.resblocks.") {
+                        ("vision_model.encoder.layers.", r)
+                    } else if let Some(r) = k.strip_prefix("transformer.resblocks.") {
+                        ("text_model.encoder.layers.", r)
+                    } else {
+                        continue; // unused keys (attn_mask buffers, ...)
+                    };
                 let (idx, name) = rest.split_once('.').unwrap_or((rest, ""));
                 let base = format!("{hf_prefix}{idx}.");
                 match name {
                     "attn.in_proj_weight" | "attn.in_proj_bias" => {
-                        let kind = if name.ends_with("weight") { "weight" } else { "bias" };
+                        let kind = if name.ends_with("weight") {
+                            "weight"
+                        } else {
+                            "bias"
+                        };
                         let n = t.dim(0).map_err(wrap)? / 3;
                         for (i, p) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
-                            let part = t.narrow(0, i * n, n).and_then(|x| x.contiguous()).map_err(wrap)?;
+                            let part = t
+                                .narrow(0, i * n, n)
+                                .and_then(|x| x.contiguous())
+                                .map_err(wrap)?;
                             out.insert(format!("{base}self_attn.{p}.{kind}"), part);
                         }
                         None
@@ -386,6 +474,20 @@ pub fn openai_to_hf(ts: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<
 }
 
 /// Convert every tensor to `dtype` (weights are often stored in f16).
-pub fn to_dtype(ts: HashMap<String, Tensor>, dtype: DType) -> candle_core::Result<HashMap<String, Tensor>> {
-    ts.into_iter().map(|(k, t)| Ok((k, if t.dtype() == dtype { t } else { t.to_dtype(dtype)? }))).collect()
+pub fn to_dtype(
+    ts: HashMap<String, Tensor>,
+    dtype: DType,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    ts.into_iter()
+        .map(|(k, t)| {
+            Ok((
+                k,
+                if t.dtype() == dtype {
+                    t
+                } else {
+                    t.to_dtype(dtype)?
+                },
+            ))
+        })
+        .collect()
 }

@@ -32,7 +32,11 @@ use crate::error::{Error, Result};
 /// Where an image comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ImageRef {
-    World { split: Split, class: usize, index: u64 },
+    World {
+        split: Split,
+        class: usize,
+        index: u64,
+    },
     File(PathBuf),
 }
 
@@ -70,10 +74,15 @@ pub struct Dataset {
 }
 
 /// File extensions read as images.
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm"];
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff", "ppm", "pgm",
+];
 
 fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())).unwrap_or(false)
+    p.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
 }
 
 /// Demo-world sizes: a 64-image training pool per class (few-shot draws from it), 8 val and,
@@ -123,7 +132,16 @@ impl Dataset {
         let n = world.num_classes();
         let items = |split: Split, per: u64| -> Vec<Item> {
             (0..n)
-                .flat_map(|c| (0..per).map(move |i| Item { image: ImageRef::World { split, class: c, index: i }, label: c as u32 }))
+                .flat_map(|c| {
+                    (0..per).map(move |i| Item {
+                        image: ImageRef::World {
+                            split,
+                            class: c,
+                            index: i,
+                        },
+                        label: c as u32,
+                    })
+                })
                 .collect()
         };
         Self {
@@ -146,7 +164,9 @@ impl Dataset {
             return Ok(Self::world(DEFAULT_WORLD_SEED, world_size, WORLD_TEST));
         }
         if let Some(seed) = spec.strip_prefix("world:") {
-            let seed = seed.parse().map_err(|_| Error::Invalid(format!("world seed {seed:?} is not a number")))?;
+            let seed = seed
+                .parse()
+                .map_err(|_| Error::Invalid(format!("world seed {seed:?} is not a number")))?;
             return Ok(Self::world(seed, world_size, WORLD_TEST));
         }
         let root = Path::new(spec);
@@ -158,7 +178,10 @@ impl Dataset {
         }
         let entries = list_dir(root)?;
         if let Some(split) = entries.iter().find(|p| {
-            p.file_name().and_then(|n| n.to_str()).map(|n| n.starts_with("split_zhou_") && n.ends_with(".json")).unwrap_or(false)
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .map(|n| n.starts_with("split_zhou_") && n.ends_with(".json"))
+                .unwrap_or(false)
         }) {
             return Self::coop_split(root, split);
         }
@@ -169,7 +192,11 @@ impl Dataset {
             return Self::imagenet(root);
         }
         // a CoOp benchmark folder without its split file would otherwise be read as one class
-        let folder = root.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_ascii_lowercase();
+        let folder = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         if let Some(split) = coop_split_name(&folder) {
             return Err(Error::Invalid(format!(
                 "{}: this looks like CoOp's {folder} folder but its split file {split} is missing (download it from the CoOp repository's DATASETS.md)",
@@ -177,7 +204,10 @@ impl Dataset {
             )));
         }
         if folder == "fgvc_aircraft" {
-            return Err(Error::Invalid(format!("{}: FGVCAircraft needs variants.txt and images_variant_{{train,val,test}}.txt", root.display())));
+            return Err(Error::Invalid(format!(
+                "{}: FGVCAircraft needs variants.txt and images_variant_{{train,val,test}}.txt",
+                root.display()
+            )));
         }
         Self::image_folder(root)
     }
@@ -185,9 +215,16 @@ impl Dataset {
     /// Load an image of this dataset (decoded, not preprocessed).
     pub fn load(&self, r: &ImageRef) -> Result<RgbImage> {
         match r {
-            ImageRef::World { split, class, index } => match &self.world {
+            ImageRef::World {
+                split,
+                class,
+                index,
+            } => match &self.world {
                 Some(w) if *class < w.num_classes() => Ok(w.image(*split, *class, *index)),
-                _ => Err(Error::Invalid(format!("world image of class {class} requested from dataset {}", self.name))),
+                _ => Err(Error::Invalid(format!(
+                    "world image of class {class} requested from dataset {}",
+                    self.name
+                ))),
             },
             ImageRef::File(p) => crate::clip::preprocess::load_rgb(p),
         }
@@ -197,10 +234,21 @@ impl Dataset {
     /// of the parameters that draw it).
     pub fn load_hashed(&self, r: &ImageRef) -> Result<(RgbImage, String)> {
         match r {
-            ImageRef::World { split, class, index } => {
+            ImageRef::World {
+                split,
+                class,
+                index,
+            } => {
                 let img = self.load(r)?;
-                let w = self.world.as_ref().map(|w| (w.seed, w.size)).unwrap_or_default();
-                let key = format!("textrefiner-world/1/{}/{}/{split:?}/{class}/{index}", w.0, w.1);
+                let w = self
+                    .world
+                    .as_ref()
+                    .map(|w| (w.seed, w.size))
+                    .unwrap_or_default();
+                let key = format!(
+                    "textrefiner-world/1/{}/{}/{split:?}/{class}/{index}",
+                    w.0, w.1
+                );
                 Ok((img, hex(&Sha256::digest(key.as_bytes()))))
             }
             ImageRef::File(p) => {
@@ -214,7 +262,11 @@ impl Dataset {
     /// A short label for an image (file name or world coordinates).
     pub fn describe(&self, r: &ImageRef) -> String {
         match r {
-            ImageRef::World { split, class, index } => format!("{split:?}/{class}/{index}").to_lowercase(),
+            ImageRef::World {
+                split,
+                class,
+                index,
+            } => format!("{split:?}/{class}/{index}").to_lowercase(),
             ImageRef::File(p) => match &self.root {
                 Some(root) => p.strip_prefix(root).unwrap_or(p).display().to_string(),
                 None => p.display().to_string(),
@@ -233,11 +285,26 @@ impl Dataset {
     /// given dataset listing, shots and seed.
     pub fn few_shot(&self, shots: usize, seed: u64) -> Result<(Vec<Item>, Vec<Item>)> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let train = sample_per_class(&self.train, self.num_classes(), shots, &mut rng, &self.name, "train")?;
+        let train = sample_per_class(
+            &self.train,
+            self.num_classes(),
+            shots,
+            &mut rng,
+            &self.name,
+            "train",
+        )?;
         let val = if self.val.is_empty() {
             Vec::new()
         } else {
-            sample_per_class(&self.val, self.num_classes(), shots.min(4), &mut rng, &self.name, "val").unwrap_or_default()
+            sample_per_class(
+                &self.val,
+                self.num_classes(),
+                shots.min(4),
+                &mut rng,
+                &self.name,
+                "val",
+            )
+            .unwrap_or_default()
         };
         Ok((train, val))
     }
@@ -254,9 +321,20 @@ impl Dataset {
             Subset::Base => present[..m].to_vec(),
             Subset::New => present[m..].to_vec(),
         };
-        let map: BTreeMap<u32, u32> = keep.iter().enumerate().map(|(i, &l)| (l, i as u32)).collect();
+        let map: BTreeMap<u32, u32> = keep
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as u32))
+            .collect();
         let relabel = |v: &[Item]| -> Vec<Item> {
-            v.iter().filter_map(|it| map.get(&it.label).map(|&l| Item { image: it.image.clone(), label: l })).collect()
+            v.iter()
+                .filter_map(|it| {
+                    map.get(&it.label).map(|&l| Item {
+                        image: it.image.clone(),
+                        label: l,
+                    })
+                })
+                .collect()
         };
         Dataset {
             name: match which {
@@ -266,7 +344,10 @@ impl Dataset {
             },
             layout: self.layout,
             root: self.root.clone(),
-            class_names: keep.iter().map(|&l| self.class_names[l as usize].clone()).collect(),
+            class_names: keep
+                .iter()
+                .map(|&l| self.class_names[l as usize].clone())
+                .collect(),
             train: relabel(&self.train),
             val: relabel(&self.val),
             test: relabel(&self.test),
@@ -275,30 +356,77 @@ impl Dataset {
         }
     }
 
-    fn from_files(name: String, layout: Layout, root: &Path, class_names: Vec<String>, splits: [Vec<Item>; 3], skipped: Vec<PathBuf>) -> Result<Self> {
+    fn from_files(
+        name: String,
+        layout: Layout,
+        root: &Path,
+        class_names: Vec<String>,
+        splits: [Vec<Item>; 3],
+        skipped: Vec<PathBuf>,
+    ) -> Result<Self> {
         let [train, val, test] = splits;
         if class_names.is_empty() {
-            return Err(Error::Invalid(format!("{}: no classes found", root.display())));
+            return Err(Error::Invalid(format!(
+                "{}: no classes found",
+                root.display()
+            )));
         }
-        Ok(Self { name, layout, root: Some(root.to_path_buf()), class_names, train, val, test, skipped, world: None })
+        Ok(Self {
+            name,
+            layout,
+            root: Some(root.to_path_buf()),
+            class_names,
+            train,
+            val,
+            test,
+            skipped,
+            world: None,
+        })
     }
 
     fn image_folder(root: &Path) -> Result<Self> {
-        let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
-        let split_dirs: Vec<PathBuf> = ["train", "val", "test"].iter().map(|s| root.join(s)).collect();
+        let name = root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dataset".into());
+        let split_dirs: Vec<PathBuf> = ["train", "val", "test"]
+            .iter()
+            .map(|s| root.join(s))
+            .collect();
         let has_splits = split_dirs[0].is_dir() && split_dirs[2].is_dir();
-        let class_root = if has_splits { split_dirs[0].clone() } else { root.to_path_buf() };
-        let folders: Vec<PathBuf> = list_dir(&class_root)?.into_iter().filter(|p| p.is_dir()).collect();
+        let class_root = if has_splits {
+            split_dirs[0].clone()
+        } else {
+            root.to_path_buf()
+        };
+        let folders: Vec<PathBuf> = list_dir(&class_root)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .collect();
         if folders.is_empty() {
             return Err(Error::Invalid(format!(
                 "{}: no class folders (expected ROOT/<class name>/<images>, a CoOp split_zhou_*.json, FGVCAircraft's images_variant_*.txt or ImageNet's classnames.txt)",
                 class_root.display()
             )));
         }
-        let folder_names: Vec<String> = folders.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect();
+        let folder_names: Vec<String> = folders
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
         let overrides = read_classnames(&root.join("classnames.txt"))?;
-        let class_names: Vec<String> =
-            folder_names.iter().map(|f| overrides.get(f).cloned().unwrap_or_else(|| f.replace('_', " "))).collect();
+        let class_names: Vec<String> = folder_names
+            .iter()
+            .map(|f| {
+                overrides
+                    .get(f)
+                    .cloned()
+                    .unwrap_or_else(|| f.replace('_', " "))
+            })
+            .collect();
         let mut skipped = Vec::new();
         let mut list_split = |dir: &Path, required: bool| -> Result<Vec<Item>> {
             let mut items = Vec::new();
@@ -306,46 +434,84 @@ impl Dataset {
                 let cdir = dir.join(f);
                 if !cdir.is_dir() {
                     if required {
-                        return Err(Error::Invalid(format!("{}: class folder is missing (it exists under {})", cdir.display(), class_root.display())));
+                        return Err(Error::Invalid(format!(
+                            "{}: class folder is missing (it exists under {})",
+                            cdir.display(),
+                            class_root.display()
+                        )));
                     }
                     continue;
                 }
                 let mut n = 0;
                 for p in list_dir(&cdir)? {
                     if p.is_file() && is_image(&p) {
-                        items.push(Item { image: ImageRef::File(p), label: label as u32 });
+                        items.push(Item {
+                            image: ImageRef::File(p),
+                            label: label as u32,
+                        });
                         n += 1;
                     } else if p.is_file() {
                         skipped.push(p);
                     }
                 }
                 if n == 0 && required {
-                    return Err(Error::Invalid(format!("{}: class folder has no images", cdir.display())));
+                    return Err(Error::Invalid(format!(
+                        "{}: class folder has no images",
+                        cdir.display()
+                    )));
                 }
             }
             Ok(items)
         };
         if has_splits {
             let train = list_split(&split_dirs[0], true)?;
-            let val = if split_dirs[1].is_dir() { list_split(&split_dirs[1], false)? } else { Vec::new() };
+            let val = if split_dirs[1].is_dir() {
+                list_split(&split_dirs[1], false)?
+            } else {
+                Vec::new()
+            };
             let test = list_split(&split_dirs[2], false)?;
-            Self::from_files(name, Layout::ImageFolder, root, class_names, [train, val, test], skipped)
+            Self::from_files(
+                name,
+                Layout::ImageFolder,
+                root,
+                class_names,
+                [train, val, test],
+                skipped,
+            )
         } else {
             let all = list_split(root, true)?;
-            let (train, test): (Vec<Item>, Vec<Item>) = all.into_iter().partition(|it| match &it.image {
-                ImageRef::File(p) => {
-                    let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    Sha256::digest(n.as_bytes())[0] & 1 == 0
-                }
-                _ => true,
-            });
-            Self::from_files(name, Layout::ImageFolder, root, class_names, [train, Vec::new(), test], skipped)
+            let (train, test): (Vec<Item>, Vec<Item>) =
+                all.into_iter().partition(|it| match &it.image {
+                    ImageRef::File(p) => {
+                        let n = p
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        Sha256::digest(n.as_bytes())[0] & 1 == 0
+                    }
+                    _ => true,
+                });
+            Self::from_files(
+                name,
+                Layout::ImageFolder,
+                root,
+                class_names,
+                [train, Vec::new(), test],
+                skipped,
+            )
         }
     }
 
     fn coop_split(root: &Path, split_file: &Path) -> Result<Self> {
-        let fname = split_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let ds_name = fname.trim_start_matches("split_zhou_").trim_end_matches(".json").to_string();
+        let fname = split_file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ds_name = fname
+            .trim_start_matches("split_zhou_")
+            .trim_end_matches(".json")
+            .to_string();
         let text = std::fs::read_to_string(split_file).map_err(|e| Error::io(split_file, e))?;
         #[derive(serde::Deserialize)]
         struct SplitFile {
@@ -369,19 +535,36 @@ impl Dataset {
             }
         };
         if !image_dir.is_dir() {
-            return Err(Error::Invalid(format!("{}: the image folder of {ds_name} is missing (split file {})", image_dir.display(), split_file.display())));
+            return Err(Error::Invalid(format!(
+                "{}: the image folder of {ds_name} is missing (split file {})",
+                image_dir.display(),
+                split_file.display()
+            )));
         }
         let mut names: BTreeMap<i64, String> = BTreeMap::new();
         for (_, l, c) in sf.train.iter().chain(&sf.val).chain(&sf.test) {
             if *l < 0 {
-                return Err(Error::Invalid(format!("{}: negative label {l}", split_file.display())));
+                return Err(Error::Invalid(format!(
+                    "{}: negative label {l}",
+                    split_file.display()
+                )));
             }
             names.entry(*l).or_insert_with(|| c.clone());
         }
-        let n = names.keys().next_back().map(|&m| m as usize + 1).unwrap_or(0);
+        let n = names
+            .keys()
+            .next_back()
+            .map(|&m| m as usize + 1)
+            .unwrap_or(0);
         if names.len() != n {
-            let missing: Vec<usize> = (0..n).filter(|i| !names.contains_key(&(*i as i64))).take(5).collect();
-            return Err(Error::Invalid(format!("{}: labels are not 0..{n} (missing {missing:?})", split_file.display())));
+            let missing: Vec<usize> = (0..n)
+                .filter(|i| !names.contains_key(&(*i as i64)))
+                .take(5)
+                .collect();
+            return Err(Error::Invalid(format!(
+                "{}: labels are not 0..{n} (missing {missing:?})",
+                split_file.display()
+            )));
         }
         let class_names: Vec<String> = names.into_values().collect();
         let mut missing = Vec::new();
@@ -392,20 +575,39 @@ impl Dataset {
                     if !path.is_file() {
                         missing.push(path.clone());
                     }
-                    Item { image: ImageRef::File(path), label: *l as u32 }
+                    Item {
+                        image: ImageRef::File(path),
+                        label: *l as u32,
+                    }
                 })
                 .collect()
         };
         let splits = [conv(&sf.train), conv(&sf.val), conv(&sf.test)];
         check_missing(&missing, split_file)?;
-        Self::from_files(ds_name, Layout::CoopSplit, root, class_names, splits, Vec::new())
+        Self::from_files(
+            ds_name,
+            Layout::CoopSplit,
+            root,
+            class_names,
+            splits,
+            Vec::new(),
+        )
     }
 
     fn fgvc_aircraft(root: &Path) -> Result<Self> {
         let variants = root.join("variants.txt");
         let text = std::fs::read_to_string(&variants).map_err(|e| Error::io(&variants, e))?;
-        let class_names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-        let index: BTreeMap<&str, u32> = class_names.iter().enumerate().map(|(i, c)| (c.as_str(), i as u32)).collect();
+        let class_names: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        let index: BTreeMap<&str, u32> = class_names
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i as u32))
+            .collect();
         let images = root.join("images");
         let mut missing = Vec::new();
         let mut read = |split: &str| -> Result<Vec<Item>> {
@@ -417,21 +619,42 @@ impl Dataset {
                 if line.is_empty() {
                     continue;
                 }
-                let (id, variant) = line.split_once(' ').ok_or_else(|| Error::Invalid(format!("{}:{}: expected \"<image id> <variant>\"", f.display(), ln + 1)))?;
+                let (id, variant) = line.split_once(' ').ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}:{}: expected \"<image id> <variant>\"",
+                        f.display(),
+                        ln + 1
+                    ))
+                })?;
                 let label = *index.get(variant.trim()).ok_or_else(|| {
-                    Error::Invalid(format!("{}:{}: variant {variant:?} is not in {}", f.display(), ln + 1, variants.display()))
+                    Error::Invalid(format!(
+                        "{}:{}: variant {variant:?} is not in {}",
+                        f.display(),
+                        ln + 1,
+                        variants.display()
+                    ))
                 })?;
                 let path = images.join(format!("{id}.jpg"));
                 if !path.is_file() {
                     missing.push(path.clone());
                 }
-                items.push(Item { image: ImageRef::File(path), label });
+                items.push(Item {
+                    image: ImageRef::File(path),
+                    label,
+                });
             }
             Ok(items)
         };
         let splits = [read("train")?, read("val")?, read("test")?];
         check_missing(&missing, &root.join("images_variant_*.txt"))?;
-        Self::from_files("FGVCAircraft".into(), Layout::FgvcAircraft, root, class_names, splits, Vec::new())
+        Self::from_files(
+            "FGVCAircraft".into(),
+            Layout::FgvcAircraft,
+            root,
+            class_names,
+            splits,
+            Vec::new(),
+        )
     }
 
     fn imagenet(root: &Path) -> Result<Self> {
@@ -439,17 +662,28 @@ impl Dataset {
         let train_dir = root.join("images").join("train");
         let test_dir = root.join("images").join("val");
         if !test_dir.is_dir() {
-            return Err(Error::Invalid(format!("{}: ImageNet's validation folder (used as test) is missing", test_dir.display())));
+            return Err(Error::Invalid(format!(
+                "{}: ImageNet's validation folder (used as test) is missing",
+                test_dir.display()
+            )));
         }
         let folders: Vec<String> = list_dir(&train_dir)?
             .into_iter()
             .filter(|p| p.is_dir())
-            .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .map(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
             .collect();
         let mut class_names = Vec::new();
         for f in &folders {
             class_names.push(names.get(f).cloned().ok_or_else(|| {
-                Error::Invalid(format!("{}: folder {f} has no line in {}", train_dir.display(), root.join("classnames.txt").display()))
+                Error::Invalid(format!(
+                    "{}: folder {f} has no line in {}",
+                    train_dir.display(),
+                    root.join("classnames.txt").display()
+                ))
             })?);
         }
         let mut skipped = Vec::new();
@@ -461,7 +695,10 @@ impl Dataset {
                 if cdir.is_dir() {
                     for p in list_dir(&cdir)? {
                         if p.is_file() && is_image(&p) {
-                            items.push(Item { image: ImageRef::File(p), label: label as u32 });
+                            items.push(Item {
+                                image: ImageRef::File(p),
+                                label: label as u32,
+                            });
                             n += 1;
                         } else if p.is_file() {
                             skipped.push(p);
@@ -469,14 +706,24 @@ impl Dataset {
                     }
                 }
                 if n == 0 && required {
-                    return Err(Error::Invalid(format!("{}: class folder has no images", cdir.display())));
+                    return Err(Error::Invalid(format!(
+                        "{}: class folder has no images",
+                        cdir.display()
+                    )));
                 }
             }
             Ok(items)
         };
         let train = list(&train_dir, true)?;
         let test = list(&test_dir, false)?;
-        Self::from_files("ImageNet".into(), Layout::ImageNet, root, class_names, [train, Vec::new(), test], skipped)
+        Self::from_files(
+            "ImageNet".into(),
+            Layout::ImageNet,
+            root,
+            class_names,
+            [train, Vec::new(), test],
+            skipped,
+        )
     }
 }
 
@@ -489,7 +736,14 @@ pub enum Subset {
     New,
 }
 
-fn sample_per_class(items: &[Item], classes: usize, k: usize, rng: &mut ChaCha8Rng, name: &str, split: &str) -> Result<Vec<Item>> {
+fn sample_per_class(
+    items: &[Item],
+    classes: usize,
+    k: usize,
+    rng: &mut ChaCha8Rng,
+    name: &str,
+    split: &str,
+) -> Result<Vec<Item>> {
     let mut by_class: Vec<Vec<&Item>> = vec![Vec::new(); classes];
     for it in items {
         if let Some(v) = by_class.get_mut(it.label as usize) {
@@ -505,7 +759,9 @@ fn sample_per_class(items: &[Item], classes: usize, k: usize, rng: &mut ChaCha8R
                 continue;
             }
             if split == "train" {
-                return Err(Error::Invalid(format!("{name}: class {c} has no images in the {split} split")));
+                return Err(Error::Invalid(format!(
+                    "{name}: class {c} has no images in the {split} split"
+                )));
             }
             continue;
         }
@@ -526,8 +782,17 @@ fn check_missing(missing: &[PathBuf], listed_in: &Path) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let first: Vec<String> = missing.iter().take(3).map(|p| p.display().to_string()).collect();
-    Err(Error::Invalid(format!("{}: {} listed images do not exist, e.g. {}", listed_in.display(), missing.len(), first.join(", "))))
+    let first: Vec<String> = missing
+        .iter()
+        .take(3)
+        .map(|p| p.display().to_string())
+        .collect();
+    Err(Error::Invalid(format!(
+        "{}: {} listed images do not exist, e.g. {}",
+        listed_in.display(),
+        missing.len(),
+        first.join(", ")
+    )))
 }
 
 /// Sorted entries of a folder.
@@ -550,9 +815,13 @@ fn read_classnames(path: &Path) -> Result<BTreeMap<String, String>> {
         if line.is_empty() {
             continue;
         }
-        let (folder, name) = line
-            .split_once(char::is_whitespace)
-            .ok_or_else(|| Error::Invalid(format!("{}:{}: expected \"<folder> <class name>\"", path.display(), ln + 1)))?;
+        let (folder, name) = line.split_once(char::is_whitespace).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}:{}: expected \"<folder> <class name>\"",
+                path.display(),
+                ln + 1
+            ))
+        })?;
         m.insert(folder.to_string(), name.trim().to_string());
     }
     Ok(m)

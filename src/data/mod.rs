@@ -1,5 +1,5 @@
 //! Data: dataset readers in the layouts researchers use, few-shot and base/new splits, and the
 //! procedural demo world.
 
-pub mod world;
 pub mod dataset;
+pub mod world;

@@ -39,10 +39,22 @@ pub struct Colour {
     pub rgb: [f32; 3],
 }
 
-pub const RED: Colour = Colour { name: "red", rgb: [0.86, 0.18, 0.16] };
-pub const BLUE: Colour = Colour { name: "blue", rgb: [0.17, 0.36, 0.86] };
-pub const GREEN: Colour = Colour { name: "green", rgb: [0.16, 0.66, 0.25] };
-pub const YELLOW: Colour = Colour { name: "yellow", rgb: [0.93, 0.80, 0.14] };
+pub const RED: Colour = Colour {
+    name: "red",
+    rgb: [0.86, 0.18, 0.16],
+};
+pub const BLUE: Colour = Colour {
+    name: "blue",
+    rgb: [0.17, 0.36, 0.86],
+};
+pub const GREEN: Colour = Colour {
+    name: "green",
+    rgb: [0.16, 0.66, 0.25],
+};
+pub const YELLOW: Colour = Colour {
+    name: "yellow",
+    rgb: [0.93, 0.80, 0.14],
+};
 
 impl Shape {
     pub fn name(self) -> &'static str {
@@ -77,7 +89,12 @@ pub struct WorldClass {
 impl WorldClass {
     /// Human-readable class name, e.g. "red kite with a striped tail".
     pub fn name(&self) -> String {
-        format!("{} {} {}", self.colour.name, self.shape.name(), self.detail.phrase())
+        format!(
+            "{} {} {}",
+            self.colour.name,
+            self.shape.name(),
+            self.detail.phrase()
+        )
     }
     /// The group name shared by the fine-grained classes of a group ("red kite").
     pub fn group(&self) -> String {
@@ -99,7 +116,13 @@ pub fn classes() -> Vec<WorldClass> {
     ];
     groups
         .iter()
-        .flat_map(|&(shape, colour)| Detail::ALL.iter().map(move |&detail| WorldClass { shape, colour, detail }))
+        .flat_map(|&(shape, colour)| {
+            Detail::ALL.iter().map(move |&detail| WorldClass {
+                shape,
+                colour,
+                detail,
+            })
+        })
         .collect()
 }
 
@@ -158,7 +181,11 @@ pub struct Scene {
 
 impl World {
     pub fn new(seed: u64, size: u32) -> Self {
-        Self { seed, size, classes: classes() }
+        Self {
+            seed,
+            size,
+            classes: classes(),
+        }
     }
 
     pub fn num_classes(&self) -> usize {
@@ -176,13 +203,25 @@ impl World {
         let size = self.size as f32;
         let muted = |rng: &mut ChaCha8Rng| {
             let base = rng.random_range(0.25..0.75f32);
-            [base + rng.random_range(-0.12..0.12f32), base + rng.random_range(-0.12..0.12f32), base + rng.random_range(-0.12..0.12f32)]
+            [
+                base + rng.random_range(-0.12..0.12f32),
+                base + rng.random_range(-0.12..0.12f32),
+                base + rng.random_range(-0.12..0.12f32),
+            ]
         };
         let bg_a = muted(&mut rng);
         let bg_b = muted(&mut rng);
         let distractor = if rng.random_bool(0.4) {
-            let c = [rng.random_range(0.0..1.0f32), rng.random_range(0.0..1.0f32), rng.random_range(0.0..1.0f32)];
-            Some(([rng.random_range(0.0..size), rng.random_range(0.0..size)], rng.random_range(0.04..0.1f32) * size, c))
+            let c = [
+                rng.random_range(0.0..1.0f32),
+                rng.random_range(0.0..1.0f32),
+                rng.random_range(0.0..1.0f32),
+            ];
+            Some((
+                [rng.random_range(0.0..size), rng.random_range(0.0..size)],
+                rng.random_range(0.04..0.1f32) * size,
+                c,
+            ))
         } else {
             None
         };
@@ -197,13 +236,21 @@ impl World {
             bg_angle: rng.random_range(0.0..std::f32::consts::TAU),
             distractor,
             noise_seed: rng.random(),
-            tint: [rng.random_range(-0.06..0.06f32), rng.random_range(-0.06..0.06f32), rng.random_range(-0.06..0.06f32)],
+            tint: [
+                rng.random_range(-0.06..0.06f32),
+                rng.random_range(-0.06..0.06f32),
+                rng.random_range(-0.06..0.06f32),
+            ],
         }
     }
 
     /// Draw image `index` of `class` in `split`.
     pub fn image(&self, split: Split, class: usize, index: u64) -> RgbImage {
-        render(&self.scene(split, class, index), &self.classes[class], self.size)
+        render(
+            &self.scene(split, class, index),
+            &self.classes[class],
+            self.size,
+        )
     }
 
     /// A caption for an image, for contrastive pretraining: the global look always, the local
@@ -212,7 +259,11 @@ impl World {
         let c = &self.classes[class];
         let group = c.group();
         let with_detail = rng.random_bool(detail_prob);
-        let subject = if with_detail { format!("{group} {}", c.detail.phrase()) } else { group };
+        let subject = if with_detail {
+            format!("{group} {}", c.detail.phrase())
+        } else {
+            group
+        };
         const TEMPLATES: [&str; 6] = [
             "a photo of a {}.",
             "a {}.",
@@ -230,7 +281,10 @@ impl World {
 fn body_inside(shape: Shape, u: f32, v: f32) -> bool {
     match shape {
         // diamond with a short tail string
-        Shape::Kite => u.abs() / 0.55 + (v + 0.1).abs() / 0.62 <= 1.0 || (u.abs() < 0.05 && v > 0.5 && v < 0.95),
+        Shape::Kite => {
+            u.abs() / 0.55 + (v + 0.1).abs() / 0.62 <= 1.0
+                || (u.abs() < 0.05 && v > 0.5 && v < 0.95)
+        }
         // ellipse body + triangular tail at the bottom
         Shape::Fish => {
             (u / 0.42).powi(2) + ((v + 0.12) / 0.6).powi(2) <= 1.0
@@ -239,7 +293,9 @@ fn body_inside(shape: Shape, u: f32, v: f32) -> bool {
         // round body + six legs
         Shape::Beetle => {
             (u / 0.5).powi(2) + (v / 0.62).powi(2) <= 1.0
-                || ([-0.25f32, 0.05, 0.35].iter().any(|&ly| (v - ly).abs() < 0.045 && u.abs() < 0.78))
+                || ([-0.25f32, 0.05, 0.35]
+                    .iter()
+                    .any(|&ly| (v - ly).abs() < 0.045 && u.abs() < 0.78))
         }
         // two pairs of wings around a thin body
         Shape::Moth => {
@@ -262,7 +318,10 @@ fn detail_colour(c: &WorldClass, u: f32, v: f32) -> Option<[f32; 3]> {
         Detail::StripedTail => (v > 0.3 && ((v * 14.0).floor() as i32) % 2 == 0).then_some(black),
         Detail::Spots => {
             let spots = [(-0.18f32, -0.05f32), (0.18, -0.05), (0.0, 0.22)];
-            spots.iter().any(|&(su, sv)| (u - su).powi(2) + (v - sv).powi(2) < 0.11f32.powi(2)).then_some(black)
+            spots
+                .iter()
+                .any(|&(su, sv)| (u - su).powi(2) + (v - sv).powi(2) < 0.11f32.powi(2))
+                .then_some(black)
         }
         Detail::WhiteCrown => (v < -0.4).then_some(white),
     }
@@ -312,7 +371,8 @@ fn render(s: &Scene, class: &WorldClass, size: u32) -> RgbImage {
                 }
             }
             let jitter: f32 = noise.random_range(-0.04..0.04);
-            let px = Rgb([0, 1, 2].map(|k| ((acc[k] + jitter).clamp(0.0, 1.0) * 255.0).round() as u8));
+            let px =
+                Rgb([0, 1, 2].map(|k| ((acc[k] + jitter).clamp(0.0, 1.0) * 255.0).round() as u8));
             img.put_pixel(x, y, px);
         }
     }
@@ -346,7 +406,12 @@ mod tests {
             assert!(base.iter().any(|b| b.shape == n.shape));
             assert!(base.iter().any(|b| b.colour == n.colour));
             assert!(base.iter().any(|b| b.detail == n.detail));
-            assert!(!base.iter().any(|b| b.shape == n.shape && b.colour == n.colour), "a new group, not a base one");
+            assert!(
+                !base
+                    .iter()
+                    .any(|b| b.shape == n.shape && b.colour == n.colour),
+                "a new group, not a base one"
+            );
         }
     }
 
@@ -358,6 +423,9 @@ mod tests {
         let a = render(&scene, &w.classes[0], 64);
         let b = render(&scene, &w.classes[1], 64);
         let differing = a.pixels().zip(b.pixels()).filter(|(p, q)| p != q).count();
-        assert!(differing > 10 && differing < 64 * 64 / 6, "{differing} pixels differ");
+        assert!(
+            differing > 10 && differing < 64 * 64 / 6,
+            "{differing} pixels differ"
+        );
     }
 }

@@ -4,15 +4,33 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// Relative L2 error ||a - b|| / ||b||.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let a = a
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num.sqrt() / den.sqrt().max(1e-30)) as f32
 }
@@ -26,7 +44,8 @@ pub fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
 pub fn tiny_model_full_vocab() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("clip/hf");
-    let mut ts = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut ts =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let key = "text_model.embeddings.token_embedding.weight";
     let emb = ts[key].clone();
     let (v, w) = emb.dims2().unwrap();
