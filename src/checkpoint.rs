@@ -92,32 +92,43 @@ pub fn save(stem: &Path, clip: &Clip, trained: &Trained, metrics: serde_json::Va
 /// when the context is class-specific.
 pub fn load(stem: &Path, clip: &Clip, device: &Device) -> Result<(Trained, CheckpointMeta)> {
     let (st, js) = paths(stem);
-    let text = std::fs::read_to_string(&js).map_err(|e| Error::io(&js, e))?;
-    let meta: CheckpointMeta = serde_json::from_str(&text)
-        .map_err(|e| Error::weights(&js, format!("not a checkpoint description: {e}")))?;
+    let text = std::fs::read(&js).map_err(|e| Error::io(&js, e))?;
+    let tensors = std::fs::read(&st).map_err(|e| Error::io(&st, e))?;
+    load_bytes(&text, &tensors, &js, &st, clip, device)
+}
+
+/// [`load`] from the two files' bytes (`js`, `st` name them in errors).
+pub fn load_bytes(text: &[u8], tensors: &[u8], js: &Path, st: &Path, clip: &Clip, device: &Device) -> Result<(Trained, CheckpointMeta)> {
+    let meta: CheckpointMeta =
+        serde_json::from_slice(text).map_err(|e| Error::weights(js, format!("not a checkpoint description: {e}")))?;
     if meta.format != FORMAT {
-        return Err(Error::weights(
-            &js,
-            format!("unknown checkpoint format {:?}", meta.format),
-        ));
+        return Err(Error::weights(js, format!("unknown checkpoint format {:?}", meta.format)));
     }
-    let ts = crate::clip::weights::read_tensors(&st)?;
+    let ts: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(tensors, &Device::Cpu)
+        .map_err(|e| Error::weights(st, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
     if let Some(want) = &meta.tensors_sha256 {
-        let bytes = std::fs::read(&st).map_err(|e| Error::io(&st, e))?;
-        if &sha256_hex(&bytes) != want {
-            return Err(Error::weights(&st, format!("does not belong to {} (its content changed since that description was written)", js.display())));
+        if &sha256_hex(tensors) != want {
+            return Err(Error::weights(
+                st,
+                format!("does not belong to {} (its content changed since that description was written)", js.display()),
+            ));
         }
     }
-    from_tensors(
-        &ts,
-        meta.class_names.clone(),
-        meta.config.clone(),
-        meta.epochs_done,
-        clip,
-        device,
-        &st,
-    )
-    .map(|t| (t, meta))
+    from_tensors(&ts, meta.class_names.clone(), meta.config.clone(), meta.epochs_done, clip, device, st).map(|t| (t, meta))
+}
+
+/// The runs shipped with the embedded model: CoOp and CoOp + TextRefiner on the demo world
+/// (`world`, 16 shots, seed 1, 4 views, the reference recipe), made by
+/// `textrefiner-explorer train --method coop|coop-refiner --save assets/runs/world-...`.
+pub fn shipped_runs(clip: &Clip, device: &Device) -> Result<(Trained, Trained)> {
+    const COOP_JSON: &[u8] = include_bytes!("../assets/runs/world-coop.json");
+    const COOP_ST: &[u8] = include_bytes!("../assets/runs/world-coop.safetensors");
+    const REF_JSON: &[u8] = include_bytes!("../assets/runs/world-coop-refiner.json");
+    const REF_ST: &[u8] = include_bytes!("../assets/runs/world-coop-refiner.safetensors");
+    let p = |n: &str| PathBuf::from(format!("<embedded>/assets/runs/{n}"));
+    let (coop, _) = load_bytes(COOP_JSON, COOP_ST, &p("world-coop.json"), &p("world-coop.safetensors"), clip, device)?;
+    let (refined, _) = load_bytes(REF_JSON, REF_ST, &p("world-coop-refiner.json"), &p("world-coop-refiner.safetensors"), clip, device)?;
+    Ok((coop, refined))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

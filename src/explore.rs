@@ -74,6 +74,8 @@ pub struct Exploration {
     pub refiner: Option<RefinerParts>,
     /// Nearest vocabulary words (and cosine) of each learned context vector.
     pub ctx_words: Vec<Vec<(String, f32)>>,
+    /// Seconds the model thread took to prepare everything (features, training, views).
+    pub prepare_secs: f32,
 }
 
 pub const ZERO_SHOT: usize = 0;
@@ -374,6 +376,7 @@ impl Builder<'_> {
             methods: vec![zs, coop_m, refined_m],
             refiner: refiner_parts,
             ctx_words: nearest_words(clip, &refined.learner.ctx.as_tensor().detach(), 3)?,
+            prepare_secs: 0.0,
         })
     }
 }

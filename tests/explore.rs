@@ -156,3 +156,26 @@ fn explore_world_what_if_and_training_job() {
     });
     assert!(bad.unwrap_err().contains("nope"));
 }
+
+/// The runs shipped in assets/runs are what the documented command produces: retraining with
+/// the same recipe gives the same context and refiner.
+#[test]
+fn shipped_runs_are_reproducible() {
+    use textrefiner_explorer::clip::Clip;
+    use textrefiner_explorer::experiment::{prepare, run, DataSpec};
+    use textrefiner_explorer::features::FeatureBank;
+    let clip = Clip::load("embedded", &candle_core::Device::Cpu).unwrap();
+    let (coop, refined) = textrefiner_explorer::checkpoint::shipped_runs(&clip, &candle_core::Device::Cpu).unwrap();
+    let cancel = AtomicBool::new(false);
+    let p = prepare(&clip, &FeatureBank::none(), &DataSpec { test_per_class: Some(2), ..Default::default() }, |_| {}, &cancel).unwrap();
+    assert_eq!(coop.learner.class_names, p.base.class_names);
+    for (shipped, method) in [(&coop, Method::Coop), (&refined, Method::CoopRefiner)] {
+        let (again, _) = run(&clip, &p, &TrainConfig { method, ..Default::default() }, &cancel, None, |_| {}).unwrap();
+        let d = (shipped.learner.ctx.as_tensor() - again.learner.ctx.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{method:?}: ctx differs by {d}");
+        if let (Some(a), Some(b)) = (&shipped.refiner, &again.refiner) {
+            let d = (&a.cache.memory - &b.cache.memory).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-3, "cache differs by {d}");
+        }
+    }
+}

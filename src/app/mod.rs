@@ -480,8 +480,9 @@ impl ExplorerApp {
                 ui.label(b);
             }
             if let Some((msg, f)) = &self.progress {
+                // a progress bar without a spinner: no continuous repaints while waiting (they
+                // cost a core on software renderers)
                 ui.separator();
-                ui.spinner();
                 ui.add(
                     egui::ProgressBar::new(*f)
                         .desired_width(160.0)
@@ -492,6 +493,10 @@ impl ExplorerApp {
             if let Some(j) = self.job.as_ref().filter(|j| j.running) {
                 ui.separator();
                 ui.label(format!("fine-tune: {}", j.status));
+            }
+            if let Some(e) = self.explore.as_ref().filter(|_| self.show_frame_time) {
+                ui.separator();
+                ui.weak(format!("{}: ready in {:.1} s", e.data_name, e.prepare_secs));
             }
             if let Some(ft) = self.frame_time_ms().filter(|_| self.show_frame_time) {
                 ui.separator();
