@@ -301,6 +301,10 @@ pub fn top_patches(cls_attn: &Tensor, k: usize) -> Result<Vec<Vec<usize>>> {
 pub fn semantic_tokens(trans: &Tensor, cls_attn: &Tensor) -> Result<Tensor> {
     let (b, n, d) = trans.dims3()?;
     let top = top_patches(cls_attn, 5)?;
+    if crate::clip::train_ops::usable(trans) {
+        let picked = top.iter().map(|t| std::iter::once(0).chain(t.iter().copied()).collect()).collect();
+        return crate::clip::train_ops::pick_and_mean(&trans.reshape((b * n, d))?, b, n, picked);
+    }
     let mut idx = Vec::with_capacity(b * 6);
     for (i, t) in top.iter().enumerate() {
         idx.push((i * n) as u32);

@@ -271,6 +271,14 @@ impl Block {
     /// The block on rows `[rows, D]` whose attention groups are `shape` ([`train_ops`] ops,
     /// differentiable in `x2` when it tracks a gradient).
     pub fn forward_rows(&self, x2: &Tensor, shape: train_ops::AttnShape) -> Result<Tensor> {
+        self.forward_rows_out(x2, shape, None)
+    }
+
+    /// [`Self::forward_rows`], computing the block's output only at rows `out` (`[k]` u32
+    /// indices, each the query of its attention group) and returning `[k, D]`: keys and values
+    /// still come from every row, but the attention output, projection and MLP run on the
+    /// `k` rows only (the last text block, where only the EOT rows are read).
+    pub fn forward_rows_out(&self, x2: &Tensor, shape: train_ops::AttnShape, out: Option<&Tensor>) -> Result<Tensor> {
         let h = train_ops::layer_norm(x2, &self.ln1.weight, &self.ln1.bias, self.ln1.eps)?;
         let qkv = train_ops::linear(
             &h,
@@ -279,6 +287,10 @@ impl Block {
             false,
         )?;
         let a = train_ops::attention_groups(&qkv, shape)?;
+        let (a, x2) = match out {
+            Some(idx) => (a.index_select(idx, 0)?, x2.index_select(idx, 0)?),
+            None => (a, x2.clone()),
+        };
         let o = &self.attn.out_proj;
         let x2 = (x2 + train_ops::linear(&a, &o.weight, o.bias.as_ref(), false)?)?;
         let h = train_ops::layer_norm(&x2, &self.ln2.weight, &self.ln2.bias, self.ln2.eps)?;

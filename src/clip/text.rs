@@ -184,20 +184,32 @@ impl TextTransformer {
             .narrow(1, shared, s)?
             .broadcast_add(&pos.narrow(0, shared, s)?)?;
         let mut x = Tensor::cat(&[&prefix, &suffix.reshape((c * s, w))?], 0)?;
-        for block in &self.blocks {
+        let eot_rows: Vec<usize> = eot.iter().enumerate().map(|(i, &e)| shared + i * s + (e - shared)).collect();
+        let n = self.blocks.len();
+        for (k, block) in self.blocks.iter().enumerate() {
             let hd = w / block.heads();
-            x = block.forward_rows(
-                &x,
-                super::train_ops::AttnShape::shared_prefix(shared, c, s, block.heads(), hd),
-            )?;
+            if k + 1 < n {
+                x = block.forward_rows(&x, super::train_ops::AttnShape::shared_prefix(shared, c, s, block.heads(), hd))?;
+            } else {
+                // last block: only the EOT rows are read, so only they are queries and only
+                // they go through the projection and MLP (keys and values from every row)
+                let groups = (0..c)
+                    .map(|i| {
+                        let mut keys: Vec<usize> = (0..shared).collect();
+                        keys.extend(shared + i * s..=eot_rows[i]);
+                        super::train_ops::Group { keys, queries: 1 }
+                    })
+                    .collect();
+                let shape = super::train_ops::AttnShape { heads: block.heads(), hd, causal: true, groups };
+                let idx = Tensor::from_vec(eot_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), c, prompts.device())?;
+                x = block.forward_rows_out(&x, shape, Some(&idx))?;
+            }
         }
-        let idx: Vec<u32> = eot
-            .iter()
-            .enumerate()
-            .map(|(i, &e)| (shared + i * s + (e - shared)) as u32)
-            .collect();
-        let idx = Tensor::from_vec(idx, c, prompts.device())?;
-        let pooled = self.final_layer_norm.forward(&x.index_select(&idx, 0)?)?;
+        if n == 0 {
+            let idx = Tensor::from_vec(eot_rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), c, prompts.device())?;
+            x = x.index_select(&idx, 0)?;
+        }
+        let pooled = self.final_layer_norm.forward(&x)?;
         self.projection.forward(&pooled)
     }
 }

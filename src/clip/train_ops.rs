@@ -211,9 +211,24 @@ fn rows_par(
     });
 }
 
-fn storage_vec(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+/// The f32 data of a CPU tensor without copying it.
+fn cpu_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(c) => contiguous_f32(c, layout, "train op"),
+        _ => candle_core::bail!("the training ops run on the CPU"),
+    }
 }
+
+/// Bind `$name: &[f32]` to the data of `$t` (made contiguous if needed) for the rest of the
+/// scope, without copying.
+macro_rules! f32_slice {
+    ($t:expr => $name:ident) => {
+        let __t = $t.contiguous()?;
+        let __g = __t.storage_and_layout();
+        let $name: &[f32] = cpu_slice(&__g.0, __g.1)?;
+    };
+}
+
 
 struct LayerNormOp {
     gamma: Vec<f32>,
@@ -237,8 +252,8 @@ impl CustomOp1 for LayerNormOp {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = storage_vec(arg)?;
-        let g = storage_vec(grad)?;
+        f32_slice!(arg => x);
+        f32_slice!(grad => g);
         let cols = self.gamma.len();
         let mut dx = vec![0f32; x.len()];
         let fast = has_avx2();
@@ -301,8 +316,8 @@ impl CustomOp2 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dh = if self.quick_gelu {
-            let hv = storage_vec(h)?;
-            let g = storage_vec(grad)?;
+            f32_slice!(h => hv);
+            f32_slice!(grad => g);
             let cols = self.bias.len();
             let mut dh = vec![0f32; hv.len()];
             let fast = has_avx2();
@@ -562,8 +577,8 @@ impl CustomOp1 for AttentionOp {
         Ok((CpuStorage::F32(out), Shape::from((rows, d))))
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let qkv = storage_vec(arg)?;
-        let g = storage_vec(grad)?;
+        f32_slice!(arg => qkv);
+        f32_slice!(grad => g);
         let probs = self
             .probs
             .lock()
@@ -769,12 +784,10 @@ impl CustomOp3 for BatchNormReluOp {
         z: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (yv, zv, gv, gm) = (
-            storage_vec(y)?,
-            storage_vec(z)?,
-            storage_vec(g)?,
-            gamma.to_vec1::<f32>()?,
-        );
+        f32_slice!(y => yv);
+        f32_slice!(z => zv);
+        f32_slice!(g => gv);
+        let gm = gamma.to_vec1::<f32>()?;
         let (mean, var) = self
             .stats
             .lock()
@@ -856,7 +869,9 @@ impl CustomOp1 for L2NormalizeOp {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (x, t, g) = (storage_vec(arg)?, storage_vec(res)?, storage_vec(grad)?);
+        f32_slice!(arg => x);
+        f32_slice!(res => t);
+        f32_slice!(grad => g);
         let d = arg.dims().last().copied().unwrap_or(1);
         let mut dx = vec![0f32; x.len()];
         rows_par(&[&x, &t, &g], d, &mut dx, |r, o| {
@@ -873,6 +888,72 @@ impl CustomOp1 for L2NormalizeOp {
 /// Rows divided by their L2 norm, differentiable.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(L2NormalizeOp)
+}
+
+struct SemanticTokensOp {
+    b: usize,
+    n: usize,
+    /// Per sequence, the rows picked (token indices within the sequence), in output order.
+    picked: Vec<Vec<usize>>,
+}
+
+impl CustomOp1 for SemanticTokensOp {
+    fn name(&self) -> &'static str {
+        "tr-train-semantic-tokens"
+    }
+    /// `[b * n, d]` -> `[b * (k + 1), d]`: the picked rows of each sequence, then its mean row.
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(st, l, "semantic_tokens")?;
+        let (b, n) = (self.b, self.n);
+        let d = x.len() / (b * n).max(1);
+        let k = self.picked.first().map(|p| p.len()).unwrap_or(0);
+        let mut out = vec![0f32; b * (k + 1) * d];
+        out.par_chunks_mut((k + 1) * d).enumerate().for_each(|(i, o)| {
+            let seq = &x[i * n * d..(i + 1) * n * d];
+            for (j, &r) in self.picked[i].iter().enumerate() {
+                o[j * d..(j + 1) * d].copy_from_slice(&seq[r * d..(r + 1) * d]);
+            }
+            let mean = &mut o[k * d..(k + 1) * d];
+            for row in seq.chunks(d) {
+                for (m, v) in mean.iter_mut().zip(row) {
+                    *m += v;
+                }
+            }
+            let inv = 1.0 / n as f32;
+            mean.iter_mut().for_each(|m| *m *= inv);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b * (k + 1), d))))
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        f32_slice!(grad => g);
+        let (b, n) = (self.b, self.n);
+        let d = arg.dim(1)?;
+        let k = self.picked.first().map(|p| p.len()).unwrap_or(0);
+        let mut dx = vec![0f32; b * n * d];
+        dx.par_chunks_mut(n * d).enumerate().for_each(|(i, dseq)| {
+            let gi = &g[i * (k + 1) * d..(i + 1) * (k + 1) * d];
+            let gm: Vec<f32> = gi[k * d..].iter().map(|v| v / n as f32).collect();
+            for row in dseq.chunks_mut(d) {
+                row.copy_from_slice(&gm);
+            }
+            for (j, &r) in self.picked[i].iter().enumerate() {
+                for (a, v) in dseq[r * d..(r + 1) * d].iter_mut().zip(&gi[j * d..(j + 1) * d]) {
+                    *a += v;
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), &Device::Cpu)?))
+    }
+}
+
+/// For `b` sequences of `n` rows (`x`: `[b * n, d]`), the rows `picked[i]` of sequence `i`
+/// followed by the mean of all its rows: `[b * (k + 1), d]`, differentiable, in one pass each
+/// way (TextRefiner's semantic-loss tokens).
+pub fn pick_and_mean(x: &Tensor, b: usize, n: usize, picked: Vec<Vec<usize>>) -> Result<Tensor> {
+    if picked.len() != b || picked.iter().any(|p| p.len() != picked[0].len() || p.iter().any(|&r| r >= n)) {
+        candle_core::bail!("pick_and_mean: picks do not fit {b} sequences of {n} rows");
+    }
+    x.contiguous()?.apply_op1(SemanticTokensOp { b, n, picked })
 }
 
 /// Whether the training ops apply to `x` (f32 on the CPU, and not switched off).
@@ -1046,6 +1127,26 @@ mod tests {
                 ) < 1e-4
             );
         }
+    }
+
+    #[test]
+    fn pick_and_mean_matches() {
+        let (b, n) = (3, 5);
+        let picked = vec![vec![0, 2], vec![4, 1], vec![3, 3]];
+        let pk = picked.clone();
+        check(
+            |x| pick_and_mean(x, b, n, picked.clone()).unwrap(),
+            |x| {
+                let d = x.dim(1).unwrap();
+                let idx: Vec<u32> = pk.iter().enumerate().flat_map(|(i, p)| p.iter().map(move |&r| (i * n + r) as u32)).collect();
+                let idx = Tensor::from_vec(idx, b * 2, &Device::Cpu).unwrap();
+                let sel = x.index_select(&idx, 0).unwrap().reshape((b, 2, d)).unwrap();
+                let mean = x.reshape((b, n, d)).unwrap().mean_keepdim(1).unwrap();
+                Tensor::cat(&[&sel, &mean], 1).unwrap().reshape((b * 3, d)).unwrap()
+            },
+            (b * n, 7),
+            2e-5,
+        );
     }
 
     #[test]
