@@ -20,6 +20,9 @@ use crate::train::{TrainConfig, Trained};
 pub struct CheckpointMeta {
     pub format: String,
     pub model: String,
+    /// SHA-256 of the model's config and weights (the feature bank's key).
+    #[serde(default)]
+    pub model_sha256: Option<String>,
     pub projection_dim: usize,
     pub text_width: usize,
     pub class_names: Vec<String>,
@@ -69,6 +72,7 @@ pub fn save(stem: &Path, clip: &Clip, trained: &Trained, metrics: serde_json::Va
     let meta = CheckpointMeta {
         format: FORMAT.into(),
         model: clip.source.clone(),
+        model_sha256: clip.identity_hash().ok(),
         projection_dim: clip.config.projection_dim,
         text_width: clip.config.text_config.hidden_size,
         class_names: trained.learner.class_names.clone(),

@@ -43,8 +43,11 @@ pub enum Request {
     },
     /// Train a run on the explored data in a background thread ("fine-tune"); `cancel` stops
     /// it at the next step. The checkpoint is saved under `save` when given.
+    /// With `shots` other than the explored data's (or another seed), a new few-shot set is
+    /// drawn and its features fetched from the feature bank first.
     Train {
         cfg: TrainConfig,
+        shots: Option<usize>,
         name: String,
         cancel: Arc<AtomicBool>,
         save: Option<PathBuf>,
@@ -222,6 +225,7 @@ impl Worker {
                         }
                         Request::Train {
                             cfg,
+                            shots,
                             name,
                             cancel,
                             save,
@@ -241,6 +245,22 @@ impl Worker {
                                     let emit = |e: Event| {
                                         let _ = tx.send(e);
                                         wk();
+                                    };
+                                    // another few-shot set: draw it, features from the bank
+                                    let p = match shots.filter(|&k| k != p.spec.shots || cfg.seed != p.spec.seed) {
+                                        None => Ok(p),
+                                        Some(k) => {
+                                            let spec = crate::experiment::DataSpec { shots: k, seed: cfg.seed, ..p.spec.clone() };
+                                            let bank = FeatureBank::at(FeatureBank::default_dir());
+                                            crate::experiment::prepare_dataset(&m, &bank, p.dataset.clone(), &spec, &mut |_| {}, &cancel).map(Arc::new)
+                                        }
+                                    };
+                                    let p = match p {
+                                        Ok(p) => p,
+                                        Err(e) => {
+                                            emit(Event::TrainDone { id, result: Err(e.to_string()) });
+                                            return;
+                                        }
                                     };
                                     let result = crate::experiment::run(
                                         &m,
@@ -280,7 +300,7 @@ impl Worker {
                                     .map_err(|e| format!("{e:#}"))
                                     .and_then(|t| {
                                         let name = path
-                                            .file_name()
+                                            .file_stem()
                                             .map(|n| n.to_string_lossy().into_owned())
                                             .unwrap_or_else(|| "checkpoint".into());
                                         crate::explore::method_of(m, p, &t, &name)

@@ -104,6 +104,7 @@ fn explore_world_what_if_and_training_job() {
     };
     w.send(Request::Train {
         cfg,
+        shots: None,
         name: "run".into(),
         cancel: cancel.clone(),
         save: None,
@@ -130,14 +131,21 @@ fn explore_world_what_if_and_training_job() {
     };
     w.send(Request::Train {
         cfg,
+        shots: Some(2),
         name: "short".into(),
         cancel: Arc::new(AtomicBool::new(false)),
         save: Some(stem.clone()),
     });
+    let mut spe = 0;
     let out = wait(&w, |ev| match ev {
+        Event::TrainStep { event: textrefiner_explorer::train::TrainEvent::Step { steps_per_epoch, .. }, .. } => {
+            spe = steps_per_epoch;
+            None
+        }
         Event::TrainDone { result, .. } => Some(result.unwrap()),
         _ => None,
     });
+    assert_eq!(spe, 1, "2 shots x 12 classes = 24 images: one batch per epoch");
     assert_eq!(out.method.base.len(), 12 * e.d);
     assert!(stem.with_extension("json").is_file());
     // and the checkpoint can be added to the comparison; a bad one is an error message

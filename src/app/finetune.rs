@@ -17,6 +17,8 @@ use crate::worker::Request;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FinetuneForm {
     pub refiner: bool,
+    #[serde(default = "default_shots")]
+    pub shots: usize,
     pub seed: u64,
     pub epochs: usize,
     pub lr: f64,
@@ -25,11 +27,16 @@ pub struct FinetuneForm {
     pub alpha: f64,
 }
 
+fn default_shots() -> usize {
+    16
+}
+
 impl Default for FinetuneForm {
     fn default() -> Self {
         let d = TrainConfig::default();
         Self {
             refiner: true,
+            shots: 16,
             seed: 1,
             epochs: d.epochs,
             lr: d.lr,
@@ -101,6 +108,7 @@ impl ExplorerApp {
         let cancel = Arc::new(AtomicBool::new(false));
         let id = self.worker.send(Request::Train {
             cfg,
+            shots: Some(self.state.finetune.shots.max(1)),
             name: name.clone(),
             cancel: cancel.clone(),
             save,
@@ -164,6 +172,9 @@ impl ExplorerApp {
                     ui.selectable_value(&mut f.refiner, true, "CoOp + TextRefiner");
                 });
                 ui.end_row();
+                ui.label("shots per class");
+                ui.add(egui::DragValue::new(&mut f.shots).range(1..=256));
+                ui.end_row();
                 ui.label("seed");
                 ui.add(egui::DragValue::new(&mut f.seed).range(0..=9999));
                 ui.end_row();
@@ -187,10 +198,7 @@ impl ExplorerApp {
                 ui.add(egui::Slider::new(&mut f.alpha, 0.0..=1.0));
                 ui.end_row();
             });
-            ui.weak(format!(
-                "shots and data: those of the comparison ({} shots per base class)",
-                self.state.shots
-            ));
+            ui.weak("data: that of the comparison; other shots or seeds draw a new few-shot set (features from the bank)");
         });
         ui.horizontal(|ui| {
             if ui

@@ -422,15 +422,22 @@ impl ExplorerApp {
                 });
             }
             ui.separator();
-            if ui
-                .add_enabled(self.explore.is_some(), egui::Button::new("Add checkpoint…"))
-                .on_hover_text("ours (.json) or a reference run folder (prompt_learner/ + Memory/)")
-                .clicked()
-            {
-                if let Some(p) = rfd::FileDialog::new().pick_folder() {
-                    self.add_checkpoint(p);
-                }
-            }
+            ui.add_enabled_ui(self.explore.is_some(), |ui| {
+                ui.menu_button("Add checkpoint", |ui| {
+                    if ui.button("Ours (.json / .safetensors)…").clicked() {
+                        if let Some(p) = rfd::FileDialog::new().add_filter("checkpoint", &["json", "safetensors"]).pick_file() {
+                            self.add_checkpoint(p);
+                        }
+                        ui.close();
+                    }
+                    if ui.button("Reference PyTorch run folder…").on_hover_text("a folder with prompt_learner/ (and Memory/)").clicked() {
+                        if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                            self.add_checkpoint(p);
+                        }
+                        ui.close();
+                    }
+                });
+            });
             ui.menu_button("Export", |ui| {
                 if ui.button("Metrics as CSV…").clicked() {
                     if let Some(p) = rfd::FileDialog::new()
