@@ -214,6 +214,15 @@ fn a_bad_model_is_one_notification_and_the_app_keeps_working() {
     h.run_steps(2);
     assert_eq!(h.state().tab, Tab::Metrics);
     assert!(h.state().explore.is_some());
+    // a dataset folder that does not exist: the reason replaces the views and is notified once
+    h.state_mut().state.data = "/nonexistent/dataset".into();
+    h.state_mut().load_model("embedded".into());
+    step_until(&mut h, "the data error", |a| a.explore_failed.is_some());
+    assert!(h.state().explore_failed.as_ref().unwrap().contains("/nonexistent/dataset"));
+    assert_eq!(h.state().notifications.len(), 2, "{:?}", h.state().notifications);
+    h.get_by_label("Compare").click();
+    h.run_steps(2);
+    assert!(h.query_by_label_contains("could not be prepared").is_some());
 }
 
 /// A measurement, not a check (run it with `--ignored --nocapture`): the time of one inspector

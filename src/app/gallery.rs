@@ -156,8 +156,16 @@ impl ExplorerApp {
 
     pub(super) fn gallery_ui(&mut self, ui: &mut egui::Ui) {
         let Some(e) = &self.explore else {
-            ui.centered_and_justified(|ui| {
-                ui.weak("Preparing the comparison … (progress at the top)");
+            ui.centered_and_justified(|ui| match (&self.explore_failed, &self.model) {
+                (Some(err), _) => {
+                    ui.label(format!("The comparison could not be prepared: {err}\nChoose another dataset or model above."));
+                }
+                (None, None) => {
+                    ui.weak("Load a model (top left) to start.");
+                }
+                (None, Some(_)) => {
+                    ui.weak("Preparing the comparison … (progress at the top)");
+                }
             });
             return;
         };

@@ -103,6 +103,8 @@ pub struct ExplorerApp {
     /// Bumped whenever a method's class features change (what-if), to refresh cached results.
     pub scores_version: u64,
     atlas_clicked: Option<usize>,
+    /// Why the last comparison could not be prepared (shown instead of the views).
+    pub explore_failed: Option<String>,
     /// Errors reported from callbacks (screenshots), shown as notifications.
     async_errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pending_load: Option<u64>,
@@ -168,6 +170,7 @@ impl ExplorerApp {
             show_frame_time: true,
             scores_version: 0,
             atlas_clicked: None,
+            explore_failed: None,
             async_errors: Default::default(),
             pending_load: None,
             pending_score: None,
@@ -190,6 +193,7 @@ impl ExplorerApp {
     /// TextRefiner trained in the background).
     pub fn explore(&mut self) {
         self.explore = None;
+        self.explore_failed = None;
         self.gallery = Gallery::default();
         self.progress = Some(("preparing the comparison …".into(), 0.0));
         let data = self.state.data.clone();
@@ -269,7 +273,10 @@ impl ExplorerApp {
                             self.explore = Some(e);
                             self.scores_version += 1;
                         }
-                        Err(e) => self.notifications.push(e),
+                        Err(e) => {
+                            self.explore_failed = Some(e.clone());
+                            self.notifications.push(e);
+                        }
                     }
                 }
                 Event::TrainStep { id, event } => self.on_train_step(id, event),
