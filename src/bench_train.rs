@@ -10,13 +10,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 
 use crate::clip::random::{preset, random_clip};
 use crate::clip::tokenizer::ClipTokenizer;
 use crate::clip::Clip;
+use crate::cli::median;
 use crate::features::Features;
 use crate::train::{Method, TrainConfig, TrainState};
 
@@ -84,59 +85,17 @@ const WORKLOADS: &[Workload] = &[
 ];
 
 fn class_names(c: usize) -> Vec<String> {
-    const NAMES: &str = include_str!("../scripts/bench_classnames.txt");
-    NAMES
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .take(c)
-        .map(String::from)
-        .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    crate::cli::bench_class_names().into_iter().take(c).collect()
 }
 
 fn python(python: &str, w: &Workload, reps: usize, ids_file: &Path) -> Result<(Vec<f64>, u64)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_train_step.py");
     let method = match w.method {
         Method::Coop => "coop",
         Method::CoopRefiner => "coop-refiner",
     };
-    let out = std::process::Command::new(python)
-        .arg(&script)
-        .args([
-            "--kind",
-            if w.whole { "reference" } else { "step" },
-            "--method",
-            method,
-            "--reps",
-            &reps.to_string(),
-        ])
-        .arg("--ids")
-        .arg(ids_file)
-        .output()
-        .with_context(|| format!("cannot run {python} {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("failed")
-        );
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("reference output is not JSON")?;
-    let times = v["times"]
-        .as_array()
-        .context("no times")?
-        .iter()
-        .filter_map(|t| t.as_f64())
-        .collect();
-    Ok((times, v["seq_len"].as_u64().unwrap_or(0)))
+    let args = ["--kind", if w.whole { "reference" } else { "step" }, "--method", method, "--reps", &reps.to_string()];
+    let v = crate::cli::run_reference_script(python, "bench_train_step.py", &args.map(String::from), ids_file)?;
+    Ok((crate::cli::reference_times(&v)?, v["seq_len"].as_u64().unwrap_or(0)))
 }
 
 /// Random precomputed features of a batch at ViT-B/16 size (197 tokens of 512).

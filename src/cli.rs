@@ -452,20 +452,21 @@ fn embed(a: EmbedArgs) -> Result<()> {
 }
 
 /// The prompts of the text benchmark (shared with scripts/bench_reference.py).
-fn bench_prompts() -> Vec<String> {
+/// The class names of the benchmarks (scripts/bench_classnames.txt).
+pub(crate) fn bench_class_names() -> Vec<String> {
     const NAMES: &str = include_str!("../scripts/bench_classnames.txt");
-    NAMES
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|c| format!("a photo of a {}.", c.trim()))
-        .collect()
+    NAMES.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+}
+
+fn bench_prompts() -> Vec<String> {
+    bench_class_names().iter().map(|c| format!("a photo of a {c}.")).collect()
 }
 
 fn times_total(r: &[(&'static str, f64, u64)]) -> f64 {
     r.iter().map(|x| x.1).sum::<f64>().max(1e-12)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -516,41 +517,32 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-fn python_reference(python: &str, w: &Workload, reps: usize, ids_file: &Path) -> Result<Vec<f64>> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_reference.py");
+/// Run one of the committed Python reference scripts (scripts/NAME) with `args` and `--ids
+/// ids_file`, and parse the JSON it prints; the error is the script's last stderr line.
+pub(crate) fn run_reference_script(python: &str, name: &str, args: &[String], ids_file: &Path) -> Result<serde_json::Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args([
-            "--model",
-            w.model,
-            "--kind",
-            w.kind,
-            "--batch",
-            &w.batch.to_string(),
-            "--reps",
-            &reps.to_string(),
-        ])
+        .args(args)
         .arg("--ids")
         .arg(ids_file)
         .output()
         .with_context(|| format!("cannot run {python} {}", script.display()))?;
     if !out.status.success() {
-        bail!(
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("failed")
-        );
+        bail!("{}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("failed"));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("reference output is not JSON")?;
-    Ok(v["times"]
-        .as_array()
-        .context("no times")?
-        .iter()
-        .filter_map(|t| t.as_f64())
-        .collect())
+    serde_json::from_slice(&out.stdout).context("reference output is not JSON")
+}
+
+/// The `times` array of a reference script's JSON.
+pub(crate) fn reference_times(v: &serde_json::Value) -> Result<Vec<f64>> {
+    Ok(v["times"].as_array().context("no times")?.iter().filter_map(|t| t.as_f64()).collect())
+}
+
+fn python_reference(python: &str, w: &Workload, reps: usize, ids_file: &Path) -> Result<Vec<f64>> {
+    let args = ["--model", w.model, "--kind", w.kind, "--batch", &w.batch.to_string(), "--reps", &reps.to_string()];
+    let v = run_reference_script(python, "bench_reference.py", &args.map(String::from), ids_file)?;
+    reference_times(&v)
 }
 
 fn bench(a: BenchArgs) -> Result<()> {

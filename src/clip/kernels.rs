@@ -217,19 +217,25 @@ impl CustomOp2 for BiasAct {
         if l1.dims().last() != Some(&cols) {
             candle_core::bail!("bias_act: bias of {cols} for input {:?}", l1.dims());
         }
-        let mut dst = vec![0f32; src.len()];
-        let fast = has_avx2();
-        let q = self.quick_gelu;
-        let chunk = cols * rows_per_task(cols);
-        dst.par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| {
-                for (dr, sr) in d.chunks_mut(cols).zip(s.chunks(cols)) {
-                    bias_act_row(sr, bias, dr, q, fast);
-                }
-            });
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+        Ok((CpuStorage::F32(bias_act_rows(src, bias, self.quick_gelu)), l1.shape().clone()))
     }
+}
+
+/// `act(src + bias)` row by row across rayon's threads (act = identity or QuickGELU); `src` is
+/// row-major with rows of `bias.len()`. Shared by the inference op and the training ops.
+pub(crate) fn bias_act_rows(src: &[f32], bias: &[f32], quick_gelu: bool) -> Vec<f32> {
+    let cols = bias.len().max(1);
+    let mut dst = vec![0f32; src.len()];
+    let fast = has_avx2();
+    let chunk = cols * rows_per_task(cols);
+    dst.par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(d, s)| {
+            for (dr, sr) in d.chunks_mut(cols).zip(s.chunks(cols)) {
+                bias_act_row(sr, bias, dr, quick_gelu, fast);
+            }
+        });
+    dst
 }
 
 struct BiasResidual;

@@ -24,7 +24,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::kernels::{contiguous_f32, exp_f32, has_avx2, rows_per_task};
+use super::kernels::{bias_act_rows, contiguous_f32, exp_f32, has_avx2, rows_per_task};
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -111,18 +111,6 @@ fn ln_bwd_row_generic(x: &[f32], gamma: &[f32], g: &[f32], eps: f32, dx: &mut [f
 
 // ---------------------------------------------------------------- QuickGELU
 
-#[inline(always)]
-fn bias_act_fwd_row_generic(h: &[f32], bias: &[f32], quick_gelu: bool, y: &mut [f32]) {
-    for ((yv, hv), b) in y.iter_mut().zip(h).zip(bias) {
-        let v = hv + b;
-        *yv = if quick_gelu {
-            v / (1.0 + exp_f32(-1.702 * v))
-        } else {
-            v
-        };
-    }
-}
-
 /// `g * act'(h + b)` for QuickGELU `v * sigmoid(1.702 v)`.
 #[inline(always)]
 fn quick_gelu_bwd_row_generic(h: &[f32], bias: &[f32], g: &[f32], dh: &mut [f32]) {
@@ -142,10 +130,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn ln_bwd_row(x: &[f32], gamma: &[f32], g: &[f32], eps: f32, dx: &mut [f32]) {
         super::ln_bwd_row_generic(x, gamma, g, eps, dx)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn bias_act_fwd_row(h: &[f32], bias: &[f32], q: bool, y: &mut [f32]) {
-        super::bias_act_fwd_row_generic(h, bias, q, y)
     }
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quick_gelu_bwd_row(h: &[f32], bias: &[f32], g: &[f32], dh: &mut [f32]) {
@@ -295,17 +279,7 @@ impl CustomOp2 for LinearOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let h = contiguous_f32(s2, l2, "linear")?;
-        let cols = self.bias.len();
-        let mut y = vec![0f32; h.len()];
-        let fast = has_avx2();
-        let (b, q) = (&self.bias[..], self.quick_gelu);
-        rows_par(&[h], cols, &mut y, |r, o| {
-            dispatch!(
-                fast,
-                bias_act_fwd_row(r[0], b, q, o),
-                bias_act_fwd_row_generic
-            )
-        });
+        let y = bias_act_rows(h, &self.bias, self.quick_gelu);
         Ok((CpuStorage::F32(y), l2.shape().clone()))
     }
     fn bwd(
@@ -683,16 +657,7 @@ impl CustomOp3 for LinearWeightGradOp {
     ) -> Result<(CpuStorage, Shape)> {
         let b = contiguous_f32(s2, l2, "linear bias")?;
         let h = contiguous_f32(s3, l3, "linear")?;
-        let mut y = vec![0f32; h.len()];
-        let fast = has_avx2();
-        rows_par(&[h], b.len(), &mut y, |r, o| {
-            dispatch!(
-                fast,
-                bias_act_fwd_row(r[0], b, false, o),
-                bias_act_fwd_row_generic
-            )
-        });
-        Ok((CpuStorage::F32(y), l3.shape().clone()))
+        Ok((CpuStorage::F32(bias_act_rows(h, b, false)), l3.shape().clone()))
     }
     fn bwd(
         &self,

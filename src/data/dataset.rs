@@ -442,18 +442,7 @@ impl Dataset {
                     }
                     continue;
                 }
-                let mut n = 0;
-                for p in list_dir(&cdir)? {
-                    if p.is_file() && is_image(&p) {
-                        items.push(Item {
-                            image: ImageRef::File(p),
-                            label: label as u32,
-                        });
-                        n += 1;
-                    } else if p.is_file() {
-                        skipped.push(p);
-                    }
-                }
+                let n = list_class_images(&cdir, label as u32, &mut items, &mut skipped)?;
                 if n == 0 && required {
                     return Err(Error::Invalid(format!(
                         "{}: class folder has no images",
@@ -691,20 +680,7 @@ impl Dataset {
             let mut items = Vec::new();
             for (label, f) in folders.iter().enumerate() {
                 let cdir = dir.join(f);
-                let mut n = 0;
-                if cdir.is_dir() {
-                    for p in list_dir(&cdir)? {
-                        if p.is_file() && is_image(&p) {
-                            items.push(Item {
-                                image: ImageRef::File(p),
-                                label: label as u32,
-                            });
-                            n += 1;
-                        } else if p.is_file() {
-                            skipped.push(p);
-                        }
-                    }
-                }
+                let n = if cdir.is_dir() { list_class_images(&cdir, label as u32, &mut items, &mut skipped)? } else { 0 };
                 if n == 0 && required {
                     return Err(Error::Invalid(format!(
                         "{}: class folder has no images",
@@ -793,6 +769,21 @@ fn check_missing(missing: &[PathBuf], listed_in: &Path) -> Result<()> {
         missing.len(),
         first.join(", ")
     )))
+}
+
+/// Append the images of one class folder (sorted) as items with `label`; other files go to
+/// `skipped`. Returns how many images were found.
+fn list_class_images(cdir: &Path, label: u32, items: &mut Vec<Item>, skipped: &mut Vec<PathBuf>) -> Result<usize> {
+    let mut n = 0;
+    for p in list_dir(cdir)? {
+        if p.is_file() && is_image(&p) {
+            items.push(Item { image: ImageRef::File(p), label });
+            n += 1;
+        } else if p.is_file() {
+            skipped.push(p);
+        }
+    }
+    Ok(n)
 }
 
 /// Sorted entries of a folder.
